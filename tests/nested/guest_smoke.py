@@ -53,14 +53,23 @@ def hist_around(io, cpuid, mmio):
     return counts, summary
 
 
-def kprobe_check():
-    res = {"kprobe_events": os.path.exists(os.path.join(T, "kprobe_events"))}
+def append(path, line):
+    # not open(path, "a"): Python seeks to the end on open, which
+    # kprobe_events refuses with EINVAL
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
     try:
-        with open(os.path.join(T, "kprobe_events"), "a") as f:
-            f.write("p:kvmbpf_smoke kvm_vcpu_ioctl\n")
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def kprobe_check():
+    ev = os.path.join(T, "kprobe_events")
+    res = {"kprobe_events": os.path.exists(ev)}
+    try:
+        append(ev, "p:kvmbpf_smoke kvm_vcpu_ioctl\n")
         res["created"] = os.path.isdir(os.path.join(T, "events/kprobes/kvmbpf_smoke"))
-        with open(os.path.join(T, "kprobe_events"), "a") as f:
-            f.write("-:kvmbpf_smoke\n")
+        append(ev, "-:kvmbpf_smoke\n")
         res["removed"] = not os.path.exists(os.path.join(T, "events/kprobes/kvmbpf_smoke"))
     except OSError as e:
         res["error"] = str(e)

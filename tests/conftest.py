@@ -1,0 +1,79 @@
+"""Shared fixtures: lab guests with unique names, running the CLI, probe-leak checks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _needs_root_kvm() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (BPF and the lab)"
+    if not os.path.exists("/dev/kvm"):
+        return "needs /dev/kvm"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _needs_root_kvm()
+    for item in items:
+        if reason and "e2e" in item.nodeid.split("/"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def lab():
+    """A lab of our own (unique id), torn down after the test whatever happens."""
+    from kvmbpf.lab.lab import Lab
+    the_lab = Lab("t" + uuid.uuid4().hex[:6])
+    try:
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+class Result:
+    def __init__(self, proc: subprocess.CompletedProcess):
+        self.rc = proc.returncode
+        self.out = proc.stdout
+        self.err = proc.stderr
+
+    def json_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.out.splitlines() if line.startswith("{")]
+
+
+def run_kvmbpf(*args: str, timeout: float = 120, check: bool = False) -> Result:
+    """Run the real CLI in a child process (as an operator would)."""
+    proc = subprocess.run([sys.executable, "-m", "kvmbpf", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    res = Result(proc)
+    if check and res.rc != 0:
+        raise AssertionError(f"kvmbpf {' '.join(args)} -> {res.rc}\n{res.err}")
+    return res
+
+
+def tracing_prog_ids() -> set[int]:
+    """Ids of loaded tracing BPF programs (bpftool), to prove nothing is left attached."""
+    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True).stdout
+    return {p["id"] for p in json.loads(out or "[]")
+            if p.get("type") in ("tracepoint", "kprobe", "raw_tracepoint", "tracing", "perf_event")}
+
+
+@pytest.fixture
+def no_leaked_probes():
+    """Fails the test if it leaves a tracing BPF program loaded."""
+    before = tracing_prog_ids()
+    yield
+    leaked = tracing_prog_ids() - before
+    assert not leaked, f"BPF programs left loaded: {sorted(leaked)}"
