@@ -35,6 +35,20 @@ static __always_inline u32 hist_slot(u64 v)
 /* Count of events that could not be recorded because a bounded map was full. */
 #define KVMBPF_OVERFLOW_MAP BPF_PERCPU_ARRAY(overflow, u64, 8);
 
+/* HIST_ADD/COUNT_ADD call KVMBPF_MAP_FULL() when a bounded map has no room for a
+ * new key.  A program with KVMBPF_OVERFLOW_MAP counts those events by defining
+ * `#define KVMBPF_MAP_FULL() OVERFLOW_INC(overflow)` before including this header. */
+#define OVERFLOW_INC(m)                             \
+    do {                                            \
+        int __ok = 0;                               \
+        u64 *__o = m.lookup(&__ok);                \
+        if (__o)                                    \
+            (*__o)++;                               \
+    } while (0)
+#ifndef KVMBPF_MAP_FULL
+#define KVMBPF_MAP_FULL() do { } while (0)
+#endif
+
 static __always_inline u32 current_tgid(void)
 {
     return bpf_get_current_pid_tgid() >> 32;
@@ -53,6 +67,8 @@ static __always_inline u32 current_tid(void)
         u64 __zero = 0, *__c = map.lookup_or_try_init(&(k), &__zero); \
         if (__c)                                    \
             (*__c)++;                               \
+        else                                        \
+            KVMBPF_MAP_FULL();                      \
     } while (0)
 
 /* Increment a per-CPU counter map by n. */
@@ -61,6 +77,8 @@ static __always_inline u32 current_tid(void)
         u64 __zero = 0, *__c = map.lookup_or_try_init(&(k), &__zero); \
         if (__c)                                    \
             (*__c) += (n);                          \
+        else                                        \
+            KVMBPF_MAP_FULL();                      \
     } while (0)
 
 #endif

@@ -53,6 +53,20 @@ def _import_bcc():
     return bcc
 
 
+def fentry_probe() -> tuple[bool, str]:
+    """Load and attach a trivial fentry program; (False, why) when the kernel refuses."""
+    bcc = _import_bcc()
+    err = io.StringIO()
+    try:
+        with _capture_stderr(err):
+            prog = bcc.BPF(text=b"KFUNC_PROBE(do_nanosleep) { return 0; }")
+    except Exception as exc:  # bcc raises bare Exception
+        detail = _first_error(err.getvalue()) or str(exc)
+        return False, f"cannot attach: {detail}"
+    prog.cleanup()
+    return True, "an fentry program attached"
+
+
 def key_tuple(key: Any) -> tuple:
     """A ctypes map key as a tuple of its fields (bcc's padding fields left out)."""
     if not hasattr(key, "_fields_"):

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -68,6 +69,20 @@ def tracing_prog_ids() -> set[int]:
     out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True).stdout
     return {p["id"] for p in json.loads(out or "[]")
             if p.get("type") in ("tracepoint", "kprobe", "raw_tracepoint", "tracing", "perf_event")}
+
+
+def process_gone(pid: int, timeout: float = 5.0) -> bool:
+    """True once pid no longer runs (gone, or a zombie waiting for init to reap it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.fixture

@@ -1,1 +1,1 @@
-from . import lab  # noqa: F401
+from . import doctor, lab  # noqa: F401

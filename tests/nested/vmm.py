@@ -39,8 +39,8 @@ With --repeat R (or --duration S) the program is run again after each hlt
 Threads: the main thread is named --name (PR_SET_NAME, 15 chars max) and
 holds the VM fd (anon_inode:kvm-vm) and vCPU fd; the vCPU runs in a second
 thread named 'CPU 0/KVM' like QEMU's, whose tid is the common_pid of the
-kvm_exit events.  --hold S keeps the fds open S seconds after the last hlt
-(e.g. for inventory tests).
+kvm_exit events.  --hold S keeps that thread and the fds alive S seconds
+after the last hlt (e.g. for inventory tests); the JSON is printed at exit.
 
 There is no in-kernel irqchip, so every IO/MMIO/HLT exit reaches this VMM.
 Usage: vmm.py --io 100 --cpuid 50 --mmio 20 [--name NAME] [--repeat R]
@@ -226,7 +226,8 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="run the program this many times")
     ap.add_argument("--duration", type=float, default=0.0,
                     help="instead of --repeat: rerun the program until this many seconds passed")
-    ap.add_argument("--hold", type=float, default=0.0, help="keep the VM open this long after")
+    ap.add_argument("--hold", type=float, default=0.0,
+                    help="keep the VM and vCPU thread alive this long after the last hlt")
     ap.add_argument("--name", default="kvmbpf-vmm", help="main thread name (comm)")
     ap.add_argument("--vcpu-name", default="CPU 0/KVM", help="vCPU thread name")
     args = ap.parse_args(argv)
@@ -259,12 +260,12 @@ def main(argv=None):
             errors.append(f"{type(e).__name__}: {e}")
         info["runs"] = runs
         info["elapsed"] = round(time.monotonic() - t0, 6)
+        if args.hold > 0:  # keep the vCPU thread (and the fds) visible
+            time.sleep(args.hold)
 
     t = threading.Thread(target=vcpu_thread, name=args.vcpu_name)
     t.start()
     t.join()
-    if args.hold > 0:
-        time.sleep(args.hold)
     vm.close()
     runs = info.get("runs", 0)
     out = {

@@ -1,0 +1,179 @@
+/* exits.bpf.c — VM exits per VM/vCPU: hardware exit reasons with handling latency
+ * (kvm_exit -> kvm_entry), exits to the VMM with the time the VMM took before
+ * re-entering KVM_RUN, and the PIO ports / MMIO addresses the guest touched.
+ *
+ * Every event fires in a vCPU thread, whose tgid is the VMM: traced_tgids is
+ * checked first.  With FILTER_TIDS=1 (--vcpu) the thread must also be in
+ * traced_tids.  Start timestamps live in shared hashes keyed by tid (a vCPU
+ * thread may migrate between the exit and the next entry).
+ */
+#define KVMBPF_MAP_FULL() OVERFLOW_INC(overflow)
+#include "kvmbpf.h"
+
+#ifndef FILTER_TIDS
+#define FILTER_TIDS 0
+#endif
+
+#define NR_IOCTL 16             /* x86-64 */
+#define KVM_RUN_CMD 0xae80
+
+KVMBPF_FILTER_MAPS
+KVMBPF_OVERFLOW_MAP
+
+struct exit_key {
+    u32 tgid;
+    u32 vcpu;
+    u32 isa;
+    u32 reason;
+};
+
+struct exit_hkey {
+    u32 tgid;
+    u32 vcpu;
+    u32 isa;
+    u32 reason;
+    u32 slot;
+};
+
+struct exit_start_t {
+    u64 ts;
+    u32 tgid;
+    u32 vcpu;
+    u32 isa;
+    u32 reason;
+};
+
+/* code: the KVM_EXIT_* reason, or the negative errno KVM_RUN returned. */
+struct uexit_key {
+    u32 tgid;
+    u32 tid;
+    s32 code;
+};
+
+struct uexit_hkey {
+    u32 tgid;
+    u32 tid;
+    s32 code;
+    u32 slot;
+};
+
+struct uexit_start_t {
+    u64 ts;
+    u32 tgid;
+    s32 code;
+};
+
+struct pio_key {
+    u32 tgid;
+    u32 port;
+    u32 rw;
+};
+
+struct mmio_key {
+    u32 tgid;
+    u32 type;
+    u64 gpa;
+};
+
+BPF_PERCPU_HASH(exit_counts, struct exit_key, u64, 8192);
+BPF_PERCPU_HASH(exit_lat, struct exit_hkey, u64, 32768);
+BPF_HASH(exit_start, u32, struct exit_start_t, 16384);
+BPF_PERCPU_HASH(uexit_counts, struct uexit_key, u64, 8192);
+BPF_PERCPU_HASH(vmm_lat, struct uexit_hkey, u64, 32768);
+BPF_HASH(uexit_start, u32, struct uexit_start_t, 16384);
+BPF_PERCPU_HASH(pio_counts, struct pio_key, u64, 8192);
+BPF_PERCPU_HASH(mmio_counts, struct mmio_key, u64, 8192);
+
+/* The VM (tgid) of the current thread if it is traced, else 0. */
+static __always_inline u32 traced_vm(void)
+{
+    u32 tgid = current_tgid();
+    if (!traced_tgids.lookup(&tgid))
+        return 0;
+#if FILTER_TIDS
+    u32 tid = current_tid();
+    if (!traced_tids.lookup(&tid))
+        return 0;
+#endif
+    return tgid;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_exit)
+{
+    u32 tgid = traced_vm();
+    if (!tgid)
+        return 0;
+    struct exit_key k = {.tgid = tgid, .vcpu = args->vcpu_id, .isa = args->isa,
+                         .reason = args->exit_reason};
+    COUNT_ADD(exit_counts, k, 1);
+    u32 tid = current_tid();
+    struct exit_start_t s = {.ts = bpf_ktime_get_ns(), .tgid = tgid, .vcpu = k.vcpu,
+                             .isa = k.isa, .reason = k.reason};
+    if (exit_start.update(&tid, &s))
+        OVERFLOW_INC(overflow);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_entry)
+{
+    u32 tid = current_tid();
+    struct exit_start_t *s = exit_start.lookup(&tid);
+    if (!s)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - s->ts;
+    struct exit_hkey k = {.tgid = s->tgid, .vcpu = s->vcpu, .isa = s->isa, .reason = s->reason};
+    exit_start.delete(&tid);
+    HIST_ADD(exit_lat, k, delta);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
+{
+    u32 tgid = traced_vm();
+    if (!tgid)
+        return 0;
+    u32 tid = current_tid();
+    struct uexit_key k = {.tgid = tgid, .tid = tid,
+                          .code = args->errno < 0 ? args->errno : (s32)args->reason};
+    COUNT_ADD(uexit_counts, k, 1);
+    struct uexit_start_t s = {.ts = bpf_ktime_get_ns(), .tgid = tgid, .code = k.code};
+    if (uexit_start.update(&tid, &s))
+        OVERFLOW_INC(overflow);
+    return 0;
+}
+
+/* The VMM is done with the exit when its vCPU thread calls ioctl(KVM_RUN) again. */
+TRACEPOINT_PROBE(raw_syscalls, sys_enter)
+{
+    if (args->id != NR_IOCTL || args->args[1] != KVM_RUN_CMD)
+        return 0;
+    u32 tid = current_tid();
+    struct uexit_start_t *s = uexit_start.lookup(&tid);
+    if (!s)
+        return 0;
+    u64 delta = bpf_ktime_get_ns() - s->ts;
+    struct uexit_hkey k = {.tgid = s->tgid, .tid = tid, .code = s->code};
+    uexit_start.delete(&tid);
+    HIST_ADD(vmm_lat, k, delta);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_pio)
+{
+    u32 tgid = traced_vm();
+    if (!tgid)
+        return 0;
+    struct pio_key k = {.tgid = tgid, .port = args->port, .rw = args->rw};
+    COUNT_ADD(pio_counts, k, 1);
+    return 0;
+}
+
+TRACEPOINT_PROBE(kvm, kvm_mmio)
+{
+    u32 tgid = traced_vm();
+    if (!tgid)
+        return 0;
+    struct mmio_key k = {.tgid = tgid, .type = args->type, .gpa = args->gpa};
+    COUNT_ADD(mmio_counts, k, 1);
+    return 0;
+}
