@@ -62,10 +62,12 @@ class NestedResult:
 class NestedError(RuntimeError):
     """The guest did not produce a result (boot failure, crash, timeout)."""
 
-    def __init__(self, msg: str, console: str = ""):
+    def __init__(self, msg: str, console: str = "", qemu_pid: Optional[int] = None):
         tail = "\n".join(console.splitlines()[-40:])
         super().__init__(f"{msg}\n--- guest console (tail) ---\n{tail}" if tail else msg)
         self.console = console
+        #: pid of the QEMU this run started (already reaped when raised)
+        self.qemu_pid = qemu_pid
 
 
 class NestedTimeout(NestedError):
@@ -209,12 +211,12 @@ def run_nested(
             _kill(proc)
         cons = _read(console)
         if timed_out:
-            raise NestedTimeout(f"nested run timed out after {timeout:.0f}s", cons)
+            raise NestedTimeout(f"nested run timed out after {timeout:.0f}s", cons, proc.pid)
         rc_file = work / "rc"
         if not rc_file.is_file():
             raise NestedError(
                 f"guest produced no exit code (qemu rc {proc.returncode}; "
-                f"qemu said: {_read(work / 'qemu.log').strip()[-500:]})", cons)
+                f"qemu said: {_read(work / 'qemu.log').strip()[-500:]})", cons, proc.pid)
         timing = {}
         for line in _read(work / "timing").splitlines():
             parts = line.split()

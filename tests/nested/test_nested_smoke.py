@@ -13,7 +13,6 @@ timer interrupts) varies and is not checked.
 import glob
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -83,15 +82,13 @@ def test_bcc_tracepoint_in_guest(smoke):
     assert _c(c, SVM_NPF) == K_MMIO + 1, c
 
 
-def _qemu_pids():
-    out = subprocess.run(["pgrep", "-x", "qemu-system-x86"], capture_output=True, text=True)
-    return set(out.stdout.split())
-
-
 def test_timeout_kills_only_its_qemu():
     pattern = os.path.join(tempfile.gettempdir(), "kvmbpf-nested-*")
-    dirs_before, before = set(glob.glob(pattern)), _qemu_pids()
-    with pytest.raises(NestedTimeout):
+    dirs_before = set(glob.glob(pattern))
+    with pytest.raises(NestedTimeout) as exc:
         run_nested("sleep 600", timeout=8)
-    assert _qemu_pids() <= before, "the timed-out qemu is still running"
+    pid = exc.value.qemu_pid
+    assert pid, "NestedTimeout should carry the qemu pid"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped
     assert set(glob.glob(pattern)) <= dirs_before, "temp dir left behind"
