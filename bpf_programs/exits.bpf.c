@@ -6,8 +6,10 @@
  * checked first.  With FILTER_TIDS=1 (--vcpu) the thread must also be in
  * traced_tids.  Start timestamps live in shared hashes keyed by tid (a vCPU
  * thread may migrate between the exit and the next entry).
+ *
+ * Map operations are spelled out here rather than through kvmbpf.h's HIST_ADD /
+ * COUNT_ADD: bcc 0.26 (Debian 12) rejects map methods inside macros.
  */
-#define KVMBPF_MAP_FULL() OVERFLOW_INC(overflow)
 #include "kvmbpf.h"
 
 #ifndef FILTER_TIDS
@@ -84,6 +86,23 @@ BPF_HASH(uexit_start, u32, struct uexit_start_t, 16384);
 BPF_PERCPU_HASH(pio_counts, struct pio_key, u64, 8192);
 BPF_PERCPU_HASH(mmio_counts, struct mmio_key, u64, 8192);
 
+static __always_inline void count_overflow(void)
+{
+    int idx = 0;
+    u64 *o = overflow.lookup(&idx);
+    if (o)
+        (*o)++;
+}
+
+/* Add one to a counter found or created by lookup_or_try_init (NULL: the map is full). */
+static __always_inline void bump(u64 *c)
+{
+    if (c)
+        (*c)++;
+    else
+        count_overflow();
+}
+
 /* The VM (tgid) of the current thread if it is traced, else 0. */
 static __always_inline u32 traced_vm(void)
 {
@@ -105,12 +124,13 @@ TRACEPOINT_PROBE(kvm, kvm_exit)
         return 0;
     struct exit_key k = {.tgid = tgid, .vcpu = args->vcpu_id, .isa = args->isa,
                          .reason = args->exit_reason};
-    COUNT_ADD(exit_counts, k, 1);
+    u64 zero = 0;
+    bump(exit_counts.lookup_or_try_init(&k, &zero));
     u32 tid = current_tid();
     struct exit_start_t s = {.ts = bpf_ktime_get_ns(), .tgid = tgid, .vcpu = k.vcpu,
                              .isa = k.isa, .reason = k.reason};
     if (exit_start.update(&tid, &s))
-        OVERFLOW_INC(overflow);
+        count_overflow();
     return 0;
 }
 
@@ -123,7 +143,9 @@ TRACEPOINT_PROBE(kvm, kvm_entry)
     u64 delta = bpf_ktime_get_ns() - s->ts;
     struct exit_hkey k = {.tgid = s->tgid, .vcpu = s->vcpu, .isa = s->isa, .reason = s->reason};
     exit_start.delete(&tid);
-    HIST_ADD(exit_lat, k, delta);
+    k.slot = hist_slot(delta);
+    u64 zero = 0;
+    bump(exit_lat.lookup_or_try_init(&k, &zero));
     return 0;
 }
 
@@ -135,10 +157,11 @@ TRACEPOINT_PROBE(kvm, kvm_userspace_exit)
     u32 tid = current_tid();
     struct uexit_key k = {.tgid = tgid, .tid = tid,
                           .code = args->errno < 0 ? args->errno : (s32)args->reason};
-    COUNT_ADD(uexit_counts, k, 1);
+    u64 zero = 0;
+    bump(uexit_counts.lookup_or_try_init(&k, &zero));
     struct uexit_start_t s = {.ts = bpf_ktime_get_ns(), .tgid = tgid, .code = k.code};
     if (uexit_start.update(&tid, &s))
-        OVERFLOW_INC(overflow);
+        count_overflow();
     return 0;
 }
 
@@ -154,7 +177,9 @@ TRACEPOINT_PROBE(raw_syscalls, sys_enter)
     u64 delta = bpf_ktime_get_ns() - s->ts;
     struct uexit_hkey k = {.tgid = s->tgid, .tid = tid, .code = s->code};
     uexit_start.delete(&tid);
-    HIST_ADD(vmm_lat, k, delta);
+    k.slot = hist_slot(delta);
+    u64 zero = 0;
+    bump(vmm_lat.lookup_or_try_init(&k, &zero));
     return 0;
 }
 
@@ -164,7 +189,8 @@ TRACEPOINT_PROBE(kvm, kvm_pio)
     if (!tgid)
         return 0;
     struct pio_key k = {.tgid = tgid, .port = args->port, .rw = args->rw};
-    COUNT_ADD(pio_counts, k, 1);
+    u64 zero = 0;
+    bump(pio_counts.lookup_or_try_init(&k, &zero));
     return 0;
 }
 
@@ -174,6 +200,7 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
     if (!tgid)
         return 0;
     struct mmio_key k = {.tgid = tgid, .type = args->type, .gpa = args->gpa};
-    COUNT_ADD(mmio_counts, k, 1);
+    u64 zero = 0;
+    bump(mmio_counts.lookup_or_try_init(&k, &zero));
     return 0;
 }

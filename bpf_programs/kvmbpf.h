@@ -19,7 +19,7 @@ static __always_inline u32 hist_slot(u64 v)
 {
     if (v < HIST_SUB)
         return v;
-    u32 e = bpf_log2l(v);           /* floor(log2(v)), e >= HIST_SUB_BITS here */
+    u32 e = bpf_log2l(v) - 1;       /* bcc's bpf_log2l is floor(log2(v)) + 1; e >= HIST_SUB_BITS */
     if (e > HIST_MAX_EXP)
         return HIST_SLOTS - 1;
     u32 sub = (v >> (e - HIST_SUB_BITS)) & (HIST_SUB - 1);
@@ -34,20 +34,6 @@ static __always_inline u32 hist_slot(u64 v)
 
 /* Count of events that could not be recorded because a bounded map was full. */
 #define KVMBPF_OVERFLOW_MAP BPF_PERCPU_ARRAY(overflow, u64, 8);
-
-/* HIST_ADD/COUNT_ADD call KVMBPF_MAP_FULL() when a bounded map has no room for a
- * new key.  A program with KVMBPF_OVERFLOW_MAP counts those events by defining
- * `#define KVMBPF_MAP_FULL() OVERFLOW_INC(overflow)` before including this header. */
-#define OVERFLOW_INC(m)                             \
-    do {                                            \
-        int __ok = 0;                               \
-        u64 *__o = m.lookup(&__ok);                \
-        if (__o)                                    \
-            (*__o)++;                               \
-    } while (0)
-#ifndef KVMBPF_MAP_FULL
-#define KVMBPF_MAP_FULL() do { } while (0)
-#endif
 
 static __always_inline u32 current_tgid(void)
 {
@@ -67,8 +53,6 @@ static __always_inline u32 current_tid(void)
         u64 __zero = 0, *__c = map.lookup_or_try_init(&(k), &__zero); \
         if (__c)                                    \
             (*__c)++;                               \
-        else                                        \
-            KVMBPF_MAP_FULL();                      \
     } while (0)
 
 /* Increment a per-CPU counter map by n. */
@@ -77,8 +61,6 @@ static __always_inline u32 current_tid(void)
         u64 __zero = 0, *__c = map.lookup_or_try_init(&(k), &__zero); \
         if (__c)                                    \
             (*__c) += (n);                          \
-        else                                        \
-            KVMBPF_MAP_FULL();                      \
     } while (0)
 
 #endif

@@ -118,6 +118,17 @@ class Program:
     def table(self, name: str):
         return self.bpf[name]
 
+    def attach_uprobe(self, binary: str, sym: str, fn_name: str, ret: bool = False) -> None:
+        """Attach handler fn_name to a function of a binary (every process; filter in BPF)."""
+        attach = self.bpf.attach_uretprobe if ret else self.bpf.attach_uprobe
+        err = io.StringIO()
+        try:
+            with _capture_stderr(err):
+                attach(name=binary.encode(), sym=sym.encode(), fn_name=fn_name.encode(), pid=-1)
+        except Exception as exc:  # bcc raises bare Exception
+            detail = _first_error(err.getvalue()) or str(exc)
+            raise KvmbpfError(f"cannot attach a uprobe to {sym} in {binary}: {detail}") from None
+
     def fill(self, map_name: str, entries: dict[int, int]) -> None:
         """Make an integer->integer filter map hold exactly `entries`."""
         table = self.bpf[map_name]

@@ -87,7 +87,6 @@ def read_format(group: str, name: str) -> Format:
         raise KvmbpfError(f"tracepoint {group}:{name} is not available: {exc.strerror}") from None
 
 
-_SYMBOLIC_RE = re.compile(r"__print_symbolic\(")
 _PAIR_RE = re.compile(r'\{\s*([^,{}]+?)\s*,\s*((?:"[^"]*"\s*)+)\}')
 
 
@@ -103,10 +102,10 @@ def _eval_key(expr: str) -> int | None:
     return total
 
 
-def symbolic_tables(print_fmt: str) -> list[dict[int, str]]:
-    """Every __print_symbolic table in a print fmt, in order, as code -> name."""
+def symbolic_tables(print_fmt: str, helper: str = "__print_symbolic") -> list[dict[int, str]]:
+    """Every __print_symbolic (or helper="__print_flags") table in a print fmt, in order."""
     tables = []
-    for m in _SYMBOLIC_RE.finditer(print_fmt):
+    for m in re.finditer(re.escape(helper) + r"\(", print_fmt):
         depth, i = 1, m.end()
         while i < len(print_fmt) and depth:
             depth += {"(": 1, ")": -1}.get(print_fmt[i], 0)

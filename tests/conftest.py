@@ -85,6 +85,18 @@ def process_gone(pid: int, timeout: float = 5.0) -> bool:
     return False
 
 
+def prog_ids_of(pid: int) -> set[int]:
+    """Ids of the BPF programs one process holds (its fdinfo), exact while others load their own."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            text = info.read_text()
+        except OSError:
+            continue
+        ids.update(int(line.split()[1]) for line in text.splitlines() if line.startswith("prog_id:"))
+    return ids
+
+
 @pytest.fixture
 def no_leaked_probes():
     """Fails the test if it leaves a tracing BPF program loaded."""

@@ -5,9 +5,11 @@ guest sees it as steal).  The BPF side keeps cumulative per-vCPU wait
 histograms, totals and per-culprit totals; this side turns them into per-interval
 deltas labelled with VM names.
 
-Culprit attribution is an approximation: each wait is charged to the task the
-vCPU replaced when it finally got the CPU (prev of that sched_switch).  When
-several tasks ran during one wait, the last one gets all of it.
+Culprit attribution (in the BPF program): the task the vCPU replaced when it got
+the CPU is charged for the time it had been running, at most the wait; the task
+that held the CPU when the wait began (the preemptor, or whoever ran on the
+wakeup's target CPU) is charged the rest.  Exact when at most two tasks ran
+during a wait; tasks that ran in between are charged to the first.
 """
 from __future__ import annotations
 
@@ -87,6 +89,7 @@ class StealSnapshot:
     interval_s: float
     vms: list[VmSteal]
     overflow: int             # events lost to full maps since start
+    unmatched: int            # vCPU switch-ins whose wait start was not seen, since start
     _metrics: list[Metric] = field(default_factory=list)
 
     def headline(self) -> str:
@@ -97,6 +100,9 @@ class StealSnapshot:
 
     def tables(self, top: int) -> list[TableData]:
         notes = [f"{self.overflow} events lost (maps full)"] if self.overflow else []
+        if self.unmatched:
+            notes.append(f"{self.unmatched} waits with an unseen start (first after attach, "
+                         "or sched events the kernel did not run BPF for)")
         vcpu_rows = [[vm.name + (" (gone)" if c.gone else ""), _vcpu_name(c), c.waits,
                       fmt_ns(c.wait_ns), f"{c.steal_pct:.1f}", *latency_cells(c.latency)]
                      for vm in self.vms for c in vm.vcpus]
@@ -108,7 +114,7 @@ class StealSnapshot:
         return [TableData("run-queue wait per vCPU (host steal)",
                           ["vm", "vcpu", "waits", "waited", "steal%", *LATENCY_COLUMNS],
                           vcpu_rows[:top], notes),
-                TableData("who held the CPU while vCPUs waited (charged to the last holder)",
+                TableData("who held the CPU while vCPUs waited (first and last holder of each wait)",
                           ["vm", "culprit", "tid", "time", "% of vm wait"], culprit_rows)]
 
     def metrics(self) -> list[Metric]:
@@ -180,11 +186,13 @@ class StealCollector(BaseCollector):
             starts.pop(key, None)
 
     def snapshot(self) -> StealSnapshot:
-        self.refresh()
+        """Maps first (the interval ends there), then the inventory for names and filters."""
         elapsed = self.interval.tick()
         hists = histograms(self.read_delta("waits"))
         totals = self.read_delta("wait_ns")
         culprit_rows = self.read_delta("culprit_ns")
+        unmatched, overflow = sum(self.program.read("unmatched").values()), self.overflow()
+        self.refresh()
         current = {(vm.pid, t.tid): t.vcpu for vm in self.scope.vms for t in vm.vcpus
                    if not self.scope.vcpus or t.vcpu in self.scope.vcpus}
         self.known.update({tid: vcpu for (_, tid), vcpu in current.items()})
@@ -204,7 +212,7 @@ class StealCollector(BaseCollector):
                 gone=(tgid, tid) not in current))
         self.reported = current
         vms = [self._vm_row(tgid, vcpus, elapsed) for tgid, vcpus in sorted(rows.items())]
-        return StealSnapshot(round(elapsed, 6), vms, self.overflow(), self._metrics())
+        return StealSnapshot(round(elapsed, 6), vms, overflow, unmatched, self._metrics())
 
     def _vm_row(self, tgid: int, vcpus: list[VcpuSteal], elapsed: float) -> VmSteal:
         vcpus.sort(key=lambda c: (c.vcpu is None, c.vcpu or 0, c.tid))

@@ -17,6 +17,8 @@ DEFAULTS: dict[str, int] = {
     "PIO_PORT": 0x700, "PIO_COUNT": 0, "PIC_COUNT": 0, "MMIO_ADDR": 0x80000000, "MMIO_COUNT": 0,
     "CPUID_COUNT": 0, "CR0_COUNT": 0, "DELAY_MS": 0, "ROUNDS": 1, "FINISH": 0,
     "DISK_DRIVE": 0x81, "READS": 0, "WRITES": 0, "FIRST_LBA": 0,
+    "UDP_COUNT": 0, "UDP_PORT": 9, "UDP_LEN": 64, "GO_WAIT": 0,
+    "SPIN_COUNT": 0,
 }
 
 

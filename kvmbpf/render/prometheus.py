@@ -88,8 +88,10 @@ def _labels_text(labels: dict[str, str], extra: tuple[str, str] | None = None) -
 
 
 def _scaled(value: float, scale: float) -> float:
-    """value * scale, exact for the usual 1e-9 (ns -> s) by dividing instead."""
-    return value / round(1 / scale) if 0 < scale < 1 and (1 / scale).is_integer() else value * scale
+    """value * scale; for scales like 1e-9 (ns -> s) a division, which rounds exactly."""
+    if 0 < scale < 1 and abs(1 / scale - round(1 / scale)) < 1e-6:
+        return value / round(1 / scale)
+    return value * scale
 
 
 @dataclass

@@ -1,0 +1,258 @@
+"""Blk: block request latency, size, in-flight depth, merges, errors and requeues per VM and device.
+
+Requests are attributed to a VM when they are queued (block_bio_queue runs in
+the submitting VMM thread); the BPF side carries the VM to the completion.
+Two latencies per request: queue -> complete (what the VM waited for on the
+host) and issue -> complete (the device alone).  Maps hold cumulative
+histograms and counters keyed (vm pid, dev_t, operation); this side turns them
+into per-interval deltas with VM and device names.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import KvmbpfError
+from ..hist import Histogram
+from ..inventory import block_device_name, kernel_dev
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
+from .base import BaseCollector, Scope, histograms
+
+#: Operation codes of blk.bpf.c (OP_*), in order.
+OPS = ("read", "write", "flush", "discard", "other")
+#: Histogram kinds of blk.bpf.c (K_*).
+QUEUE, ISSUE, SIZE, DEPTH = range(4)
+#: Counters of blk.bpf.c (C_*), in order.
+COUNTERS = ("requests", "bytes", "errors", "backmerges", "frontmerges", "rq_merges", "requeues")
+#: Start-map bound and the age after which an entry is taken as never completing.
+MAX_REQS = 16384
+STALE_NS = 30 * 10**9
+HOST = "host"   # label of I/O from processes that are not VMs (--all)
+
+_MAJMIN_RE = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_device(spec: str, sys: str = "/sys") -> tuple[int, int]:
+    """A block device given as `loop3`, `/dev/loop3` or `7:3` -> (major, minor), or an error."""
+    spec = spec.strip()
+    m = _MAJMIN_RE.match(spec)
+    if m:
+        major, minor = int(m.group(1)), int(m.group(2))
+        if Path(sys, "dev", "block", f"{major}:{minor}").exists():
+            return major, minor
+    else:
+        name = spec[len("/dev/"):] if spec.startswith("/dev/") else spec
+        if name and "/" not in name and name not in (".", ".."):
+            dev = _read(Path(sys, "class", "block", name, "dev")).strip()
+            m = _MAJMIN_RE.match(dev)
+            if m:
+                return int(m.group(1)), int(m.group(2))
+    raise KvmbpfError(f"no block device {spec!r} on this host (e.g. loop0, /dev/sda or 7:0)")
+
+
+def split_dev(dev: int) -> tuple[int, int]:
+    """The tracepoint dev_t encoding (MAJOR << 20 | MINOR) back to (major, minor)."""
+    return dev >> 20, dev & ((1 << 20) - 1)
+
+
+def device_label(dev: int) -> str:
+    return block_device_name(*split_dev(dev))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+@dataclass
+class OpStats:
+    """One VM's requests of one operation on one device."""
+    vm: str
+    pid: int
+    device: str
+    dev: str                       # major:minor
+    op: str
+    requests: int
+    bytes: int
+    errors: int
+    queue_to_complete: Histogram   # ns; what the VM waited for on the host
+    issue_to_complete: Histogram   # ns; the device alone
+    size: Histogram                # bytes per request
+
+
+@dataclass
+class DeviceStats:
+    """One VM's requests on one device, all operations."""
+    vm: str
+    pid: int
+    device: str
+    dev: str
+    requests: int
+    depth: Histogram               # traced requests in flight on the device at each issue
+    backmerges: int
+    frontmerges: int
+    rq_merges: int
+    requeues: int
+    errors: int
+
+
+@dataclass
+class BlkSnapshot:
+    interval_s: float
+    ops: list[OpStats]
+    devices: list[DeviceStats]
+    overflow: int                  # requests not tracked since start (start map full)
+    expired: int                   # tracked requests dropped since start: no completion in 30 s
+    _metrics: list[Metric] = field(default_factory=list)
+
+    def headline(self) -> str:
+        reqs = sum(o.requests for o in self.ops)
+        rate = reqs / self.interval_s if self.interval_s > 0 else 0.0
+        vms = len({d.pid for d in self.devices})
+        return (f"blk: {reqs} requests ({rate:.0f}/s), {sum(o.bytes for o in self.ops) / 2**20:.1f} MiB, "
+                f"{len({d.dev for d in self.devices})} device(s), {vms} source(s) "
+                f"in {self.interval_s:.2f}s")
+
+    def tables(self, top: int) -> list[TableData]:
+        notes = []
+        if self.overflow:
+            notes.append(f"{self.overflow} requests not tracked (start map full)")
+        if self.expired:
+            notes.append(f"{self.expired} requests dropped without completion after 30 s")
+        ops = sorted(self.ops, key=lambda o: -o.requests)[:top]
+        lead = ["vm", "device", "op", "reqs", "KiB"]
+
+        def cells(o: OpStats) -> list:
+            return [o.vm, o.device, o.op, o.requests, round(o.bytes / 1024)]
+        devices = sorted(self.devices, key=lambda d: -d.requests)[:top]
+        return [
+            TableData("queue -> complete (what the VM waited for on the host)",
+                      lead + LATENCY_COLUMNS,
+                      [cells(o) + latency_cells(o.queue_to_complete) for o in ops], notes),
+            TableData("issue -> complete (the device)", lead + LATENCY_COLUMNS,
+                      [cells(o) + latency_cells(o.issue_to_complete) for o in ops]),
+            TableData("per device", ["vm", "device", "reqs", "depth p50", "depth max",
+                                     "size p50", "merges b/f/rq", "requeues", "errors"],
+                      [[d.vm, d.device, d.requests, _pct(d.depth, "p50"), d.depth.max() if d.depth.count else "-",
+                        _size_p50(self.ops, d), f"{d.backmerges}/{d.frontmerges}/{d.rq_merges}",
+                        d.requeues, d.errors] for d in devices]),
+        ]
+
+    def metrics(self) -> list[Metric]:
+        return self._metrics
+
+
+def _pct(hist: Histogram, key: str) -> str:
+    return str(hist.percentiles().get(key, "-")) if hist.count else "-"
+
+
+def _size_p50(ops: list[OpStats], dev: DeviceStats) -> str:
+    sizes = [o.size for o in ops if o.pid == dev.pid and o.dev == dev.dev]
+    total = sum(sizes, Histogram())
+    return f"{total.percentiles()['p50'] / 1024:.3g}K" if total.count else "-"
+
+
+def build_stats(hists: dict[tuple, int], counts: dict[tuple, int], vm_name: Callable[[int], str],
+                dev_name: Callable[[int], str]) -> tuple[list[OpStats], list[DeviceStats]]:
+    """Rows from the maps' contents: hists keyed (tgid, dev, op, kind, slot),
+    counts keyed (tgid, dev, op, counter).  Pure: used for deltas and for cumulative metrics."""
+    by_kind = histograms(hists)
+    counters: dict[tuple[int, int, int], dict[str, int]] = {}
+    for (tgid, dev, op, what), n in counts.items():
+        row = counters.setdefault((tgid, dev, op), {})
+        row[COUNTERS[what]] = row.get(COUNTERS[what], 0) + n
+    keys = {k[:3] for k in by_kind} | set(counters)
+    ops: list[OpStats] = []
+    devices: dict[tuple[int, int], DeviceStats] = {}
+    for tgid, dev, op in sorted(keys):
+        c = counters.get((tgid, dev, op), {})
+        h = {kind: by_kind.get((tgid, dev, op, kind), Histogram()) for kind in range(4)}
+        name, devname, majmin = vm_name(tgid), dev_name(dev), "%d:%d" % split_dev(dev)
+        if c.get("requests") or h[SIZE].count:
+            ops.append(OpStats(name, tgid, devname, majmin, OPS[op] if op < len(OPS) else f"op{op}",
+                               c.get("requests", 0), c.get("bytes", 0), c.get("errors", 0),
+                               h[QUEUE], h[ISSUE], h[SIZE]))
+        d = devices.setdefault((tgid, dev), DeviceStats(name, tgid, devname, majmin, 0, Histogram(),
+                                                        0, 0, 0, 0, 0))
+        d.requests += c.get("requests", 0)
+        d.depth = d.depth + h[DEPTH]
+        for attr in ("backmerges", "frontmerges", "rq_merges", "requeues", "errors"):
+            setattr(d, attr, getattr(d, attr) + c.get(attr, 0))
+    return ops, list(devices.values())
+
+
+def op_metrics(ops: list[OpStats], devices: list[DeviceStats]) -> list[Metric]:
+    """Prometheus samples from cumulative rows."""
+    out = []
+    for o in ops:
+        labels = {"vm": o.vm, "device": o.device, "op": o.op}
+        out += [Metric("kvmbpf_blk_requests_total", "counter", "Completed block requests",
+                       labels, o.requests),
+                Metric("kvmbpf_blk_bytes_total", "counter", "Bytes of completed block requests",
+                       labels, o.bytes),
+                Metric("kvmbpf_blk_errors_total", "counter", "Block requests completed with an error",
+                       labels, o.errors)]
+        for interval, hist in (("queue", o.queue_to_complete), ("issue", o.issue_to_complete)):
+            if hist.count:
+                out.append(Metric("kvmbpf_blk_latency_seconds", "histogram",
+                                  "Block request latency from queue or issue to completion",
+                                  {**labels, "interval": interval}, hist=hist, scale=1e-9))
+    for d in devices:
+        labels = {"vm": d.vm, "device": d.device}
+        for attr in ("backmerges", "frontmerges", "rq_merges", "requeues"):
+            out.append(Metric(f"kvmbpf_blk_{attr}_total", "counter", f"Block {attr.replace('_', ' ')}",
+                              labels, getattr(d, attr)))
+    return out
+
+
+class BlkCollector(BaseCollector):
+    """kvmbpf blk: block requests per VM (or every process with all_io) and device."""
+
+    program_name = "blk"
+
+    def __init__(self, scope: Scope, devices: tuple[tuple[int, int], ...] = (), all_io: bool = False):
+        if all_io and (scope.names or scope.pids):
+            raise KvmbpfError("--all traces every process's I/O: leave out --vm/--pid")
+        if scope.vcpus:
+            raise KvmbpfError("--vcpu does not apply to blk (VM I/O is submitted by VMM threads)")
+        self.devs = {kernel_dev(major, minor): 1 for major, minor in devices}
+        self.all_io = all_io
+        self.expired = 0
+        super().__init__(scope, {"ALL_IO": int(all_io), "FILTER_DEV": int(bool(self.devs)),
+                                 "MAX_REQS": MAX_REQS})
+        self.program.fill("traced_devs", self.devs)
+
+    def vm_name(self, tgid: int) -> str:
+        return HOST if tgid == 0 else self.scope.vm_name(tgid)
+
+    def snapshot(self) -> BlkSnapshot:
+        self.refresh()
+        self.expire()
+        elapsed = self.interval.tick()
+        ops, devices = build_stats(self.read_delta("hists"), self.read_delta("counts"),
+                                   self.vm_name, device_label)
+        cumulative = self.interval.last_counts
+        metrics = op_metrics(*build_stats(cumulative.get("hists", {}), cumulative.get("counts", {}),
+                                          self.vm_name, device_label))
+        return BlkSnapshot(round(elapsed, 6), ops, devices, self.overflow(), self.expired, metrics)
+
+    def expire(self) -> None:
+        """Drop start entries older than STALE_NS (bio-based devices, lost completions),
+        so requests that never complete cannot fill the map; counted, never silent."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        table = self.program.table("start")
+        for key, val in self.program.read_raw("start"):
+            if now - max(val.queue_ts, val.issue_ts) > STALE_NS:
+                table.pop(key, None)
+                self.expired += 1
+
+
+def device_filter(specs: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    """--dev values validated against this host's block devices."""
+    return tuple(dict.fromkeys(parse_device(spec) for spec in specs))
+

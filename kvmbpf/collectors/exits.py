@@ -1,0 +1,381 @@
+"""Exits: why each vCPU leaves the guest, how long that costs, and what the VMM does.
+
+Four views from one BPF program (bpf_programs/exits.bpf.c), all keyed by VM:
+  - hardware exit reasons (kvm:kvm_exit) per vCPU, with the time until the next
+    kvm:kvm_entry on the same thread (handling latency; idle time for HLT-like exits);
+  - exits to the VMM (kvm:kvm_userspace_exit) per vCPU thread by KVM_EXIT_* name,
+    with the time the VMM took until that thread called ioctl(KVM_RUN) again;
+  - PIO ports and MMIO addresses the guest touched (kvm:kvm_pio, kvm:kvm_mmio).
+Names come from the running kernel's tracepoint formats, never from a built-in table.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .. import tracefs
+from ..hist import Histogram
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
+from .base import BaseCollector, Scope, histograms
+
+ISA_NAMES = {1: "vmx", 2: "svm"}
+VMX_BASIC_MASK = 0xFFFF
+#: Exits that end when the guest has work again: their "latency" is guest idle time.
+IDLE_REASONS = frozenset({"HLT", "MWAIT_INSTRUCTION", "hlt", "mwait", "idle-halt"})
+EINTR = 4
+DEFAULT_ALERT_RATE = 10_000.0
+PVM_MODULE = "/sys/module/kvm_pvm"
+
+
+@dataclass(frozen=True)
+class ReasonNames:
+    """Code -> name tables of kvm_exit (VMX, SVM, VMX flag bits) and kvm_userspace_exit."""
+    vmx: dict[int, str]
+    svm: dict[int, str]
+    vmx_flags: dict[int, str]
+    userspace: dict[int, str]
+    mmio: dict[int, str]
+
+    @classmethod
+    def from_print_fmts(cls, exit_fmt: str, userspace_fmt: str, mmio_fmt: str) -> "ReasonNames":
+        tables = tracefs.symbolic_tables(exit_fmt) + [{}, {}]
+        flags = (tracefs.symbolic_tables(exit_fmt, "__print_flags") or [{}])[0]
+        users = (tracefs.symbolic_tables(userspace_fmt) or [{}])[0]
+        mmio = (tracefs.symbolic_tables(mmio_fmt) or [{}])[0]
+        # SVM's table writes 0xffffffff as -1; the BPF key is the u32.
+        svm = {code & 0xFFFFFFFF: name for code, name in tables[1].items()}
+        return cls(tables[0], svm, flags, users, mmio)
+
+    @classmethod
+    def from_kernel(cls) -> "ReasonNames":
+        def fmt(name: str) -> str:
+            if not tracefs.tracepoint_exists("kvm", name):
+                return ""
+            return tracefs.read_format("kvm", name).print_fmt
+        return cls.from_print_fmts(fmt("kvm_exit"), fmt("kvm_userspace_exit"), fmt("kvm_mmio"))
+
+    def exit_reason(self, isa: int, code: int) -> tuple[str, list[str]]:
+        """(name, flag names) of a kvm_exit reason; a code without a name stays a number."""
+        if isa == 1:
+            basic, high = code & VMX_BASIC_MASK, code & ~VMX_BASIC_MASK
+            flags = [name for bit, name in self.vmx_flags.items() if high & bit]
+            unnamed = high & ~sum(self.vmx_flags)
+            if unnamed:
+                flags.append(hex(unnamed))
+            return self.vmx.get(basic, str(basic)), flags
+        if isa == 2:
+            return self.svm.get(code, hex(code)), []
+        return str(code), []
+
+    def userspace_reason(self, code: int) -> str:
+        """KVM_EXIT_* name; a negative code is KVM_RUN's errno (-EINTR: 'restart')."""
+        if code < 0:
+            return "restart" if code == -EINTR else "error"
+        return self.userspace.get(code, str(code))
+
+    def mmio_access(self, kind: int) -> str:
+        return self.mmio.get(kind, str(kind))
+
+
+@dataclass
+class ExitRow:
+    """One hardware exit reason on one vCPU (kvm_exit)."""
+    vm: str
+    pid: int
+    vcpu: int
+    isa: str
+    code: int
+    reason: str
+    flags: list[str]
+    idle: bool               # its latency is guest idle time, not handling cost
+    count: int
+    rate: float
+    latency: Histogram       # kvm_exit -> next kvm_entry on the thread, ns
+
+
+@dataclass
+class VmLatency:
+    """Exit handling latency of one VM, every vCPU and reason merged."""
+    vm: str
+    pid: int
+    count: int
+    latency: Histogram
+
+
+@dataclass
+class UserspaceRow:
+    """One KVM_EXIT_* reason on one vCPU thread (kvm_userspace_exit)."""
+    vm: str
+    pid: int
+    vcpu: int | None         # None: the thread is gone or not a known vCPU
+    tid: int
+    code: int
+    reason: str
+    count: int
+    rate: float
+    vmm_time: Histogram      # KVM_RUN returned -> the thread's next ioctl(KVM_RUN), ns
+
+
+@dataclass
+class PioRow:
+    vm: str
+    pid: int
+    port: int
+    direction: str           # "in" | "out"
+    count: int
+    rate: float
+
+
+@dataclass
+class MmioRow:
+    vm: str
+    pid: int
+    gpa: int
+    access: str              # "read" | "write" | "unsatisfied-read"
+    count: int
+    rate: float
+
+
+@dataclass
+class Alert:
+    """One reason/port/address on one VM above --alert-rate events per second."""
+    vm: str
+    pid: int
+    view: str                # "exit" | "userspace" | "pio" | "mmio"
+    what: str
+    rate: float
+
+
+@dataclass
+class Views:
+    """Everything the maps say over some span (an interval, or since start)."""
+    exits: list[ExitRow]
+    userspace: list[UserspaceRow]
+    pio: list[PioRow]
+    mmio: list[MmioRow]
+
+
+@dataclass
+class ExitsSnapshot:
+    interval_s: float
+    vms: dict[str, int]                  # name -> pid, VMs in scope
+    kvm_exit: str                        # since start: "seen" | "not-emitted" | "no-events"
+    include_idle: bool
+    alert_rate: float
+    exits: list[ExitRow]
+    exit_latency: list[VmLatency]
+    userspace_exits: list[UserspaceRow]
+    pio: list[PioRow]
+    mmio: list[MmioRow]
+    alerts: list[Alert]
+    notes: list[str]
+    overflow: int                        # events lost to full maps since start
+    _metrics: list[Metric] = field(default_factory=list)
+
+    def headline(self) -> str:
+        def per_s(rows) -> str:
+            return f"{sum(r.count for r in rows) / self.interval_s:.0f}/s" if self.interval_s else "-"
+        text = (f"exits: {len(self.vms)} VM(s) in {self.interval_s:.2f}s: kvm_exit {per_s(self.exits)}, "
+                f"to VMM {per_s(self.userspace_exits)}, PIO {per_s(self.pio)}, MMIO {per_s(self.mmio)}")
+        return text + (f"  [{len(self.alerts)} ALERT(S)]" if self.alerts else "")
+
+    def tables(self, top: int) -> list[TableData]:
+        return [self._exit_table(top), self._latency_table(),
+                TableData("exits to the VMM (KVM_RUN returns; VMM time = until the next KVM_RUN)",
+                          ["vm", "vcpu", "tid", "reason", "count", "rate/s", *LATENCY_COLUMNS],
+                          [[r.vm, _vcpu(r.vcpu), r.tid, r.reason.removeprefix("KVM_EXIT_"),
+                            r.count, round(r.rate, 1),
+                            *latency_cells(r.vmm_time)] for r in self.userspace_exits[:top]]),
+                TableData("PIO ports", ["vm", "port", "dir", "count", "rate/s"],
+                          [[r.vm, f"0x{r.port:x}", r.direction, r.count, round(r.rate, 1)]
+                           for r in self.pio[:top]]),
+                TableData("MMIO addresses", ["vm", "gpa", "access", "count", "rate/s"],
+                          [[r.vm, f"0x{r.gpa:x}", r.access, r.count, round(r.rate, 1)]
+                           for r in self.mmio[:top]]),
+                TableData(f"rates above {self.alert_rate:g}/s", ["vm", "view", "what", "rate/s"],
+                          [[a.vm, a.view, a.what, round(a.rate, 1)] for a in self.alerts])]
+
+    def _exit_table(self, top: int) -> TableData:
+        rows = [[r.vm, _vcpu(r.vcpu), r.isa, " ".join([r.reason, *r.flags]) + (" (idle)" if r.idle else ""),
+                 r.count, round(r.rate, 1), *latency_cells(r.latency)] for r in self.exits[:top]]
+        notes = list(self.notes)
+        if self.overflow:
+            notes.append(f"{self.overflow} events lost since start (maps full)")
+        return TableData("exit reasons (kvm_exit; latency = until the next kvm_entry)",
+                         ["vm", "vcpu", "isa", "reason", "count", "rate/s", *LATENCY_COLUMNS], rows, notes)
+
+    def _latency_table(self) -> TableData:
+        which = "all exits" if self.include_idle else "idle exits (HLT, MWAIT) excluded"
+        notes = [] if self.include_idle else [
+            "idle exits measure how long the guest had nothing to do, not handling cost; "
+            "they are listed above but left out of this summary (--include-idle to add them)"]
+        return TableData(f"exit handling latency per VM ({which})",
+                         ["vm", "exits", *LATENCY_COLUMNS],
+                         [[r.vm, r.count, *latency_cells(r.latency)] for r in self.exit_latency], notes)
+
+    def metrics(self) -> list[Metric]:
+        return self._metrics
+
+
+def _vcpu(vcpu: int | None) -> str:
+    return "-" if vcpu is None else str(vcpu)
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 3) if seconds > 0 else 0.0
+
+
+MAPS = ("exit_counts", "exit_lat", "uexit_counts", "vmm_lat", "pio_counts", "mmio_counts")
+
+
+@dataclass
+class Labels:
+    """Turns the ids in map keys into names (VM by tgid, vCPU index by tid)."""
+    names: ReasonNames
+    vm_name: dict[int, str]
+    vcpu_of: dict[int, int | None]
+
+    def vm(self, tgid: int) -> str:
+        return self.vm_name.get(tgid, f"pid-{tgid}")
+
+
+def build_views(maps: dict[str, dict[tuple, int]], seconds: float, labels: Labels) -> Views:
+    """Rows from map contents (deltas or cumulative), busiest first."""
+    exit_hists = histograms(maps["exit_lat"])
+    exits = []
+    for (tgid, vcpu, isa, code), n in maps["exit_counts"].items():
+        reason, flags = labels.names.exit_reason(isa, code)
+        exits.append(ExitRow(labels.vm(tgid), tgid, vcpu, ISA_NAMES.get(isa, f"isa{isa}"), code,
+                             reason, flags, reason in IDLE_REASONS, n, _rate(n, seconds),
+                             exit_hists.get((tgid, vcpu, isa, code), Histogram())))
+    vmm_hists = histograms(maps["vmm_lat"])
+    users = [UserspaceRow(labels.vm(tgid), tgid, labels.vcpu_of.get(tid), tid, code,
+                          labels.names.userspace_reason(code), n, _rate(n, seconds),
+                          vmm_hists.get((tgid, tid, code), Histogram()))
+             for (tgid, tid, code), n in maps["uexit_counts"].items()]
+    pio = [PioRow(labels.vm(tgid), tgid, port, "out" if rw else "in", n, _rate(n, seconds))
+           for (tgid, port, rw), n in maps["pio_counts"].items()]
+    mmio = [MmioRow(labels.vm(tgid), tgid, gpa, labels.names.mmio_access(kind), n, _rate(n, seconds))
+            for (tgid, kind, gpa), n in maps["mmio_counts"].items()]
+    return Views(*(sorted(rows, key=lambda r: -r.count) for rows in (exits, users, pio, mmio)))
+
+
+def vm_latencies(exits: list[ExitRow], include_idle: bool) -> list[VmLatency]:
+    """Per VM, the handling-latency histograms of its exits merged (idle ones left out by default)."""
+    merged: dict[int, VmLatency] = {}
+    for row in exits:
+        if row.idle and not include_idle:
+            continue
+        cur = merged.setdefault(row.pid, VmLatency(row.vm, row.pid, 0, Histogram()))
+        cur.count += row.count
+        cur.latency = cur.latency + row.latency
+    return sorted(merged.values(), key=lambda r: -r.count)
+
+
+def alerts(views: Views, seconds: float, threshold: float) -> list[Alert]:
+    """(VM, reason/port/address) pairs whose rate, summed over vCPUs, exceeds the threshold."""
+    totals: dict[tuple[int, str, str], tuple[str, int]] = {}
+
+    def add(row, view: str, what: str) -> None:
+        vm, n = totals.get((row.pid, view, what), (row.vm, 0))
+        totals[(row.pid, view, what)] = (vm, n + row.count)
+    for r in views.exits:
+        add(r, "exit", r.reason)
+    for r in views.userspace:
+        add(r, "userspace", r.reason)
+    for r in views.pio:
+        add(r, "pio", f"port 0x{r.port:x} {r.direction}")
+    for r in views.mmio:
+        add(r, "mmio", f"gpa 0x{r.gpa:x} {r.access}")
+    out = [Alert(vm, pid, view, what, _rate(n, seconds))
+           for (pid, view, what), (vm, n) in totals.items() if _rate(n, seconds) > threshold]
+    return sorted(out, key=lambda a: -a.rate)
+
+
+def kvm_exit_status(cumulative: Views) -> str:
+    """Whether kvm_exit fires for the traced VMs: judged on everything counted since start."""
+    if cumulative.exits:
+        return "seen"
+    if cumulative.userspace or cumulative.pio or cumulative.mmio:
+        return "not-emitted"
+    return "no-events"
+
+
+def status_notes(status: str, cumulative: Views, pvm: bool) -> list[str]:
+    if status != "not-emitted":
+        return []
+    others = sum(r.count for r in cumulative.userspace) + sum(r.count for r in cumulative.pio)
+    why = " (a PVM host: /sys/module/kvm_pvm is loaded)" if pvm else ""
+    return [f"no exit reasons: this kernel does not emit kvm:kvm_exit{why}; {others} exits to the "
+            "VMM and PIO events were counted for the same VMs, so the other views are complete"]
+
+
+def metrics_of(views: Views) -> list[Metric]:
+    """Cumulative Prometheus samples: counters per reason/port/address, latency histograms."""
+    out: list[Metric] = []
+    for r in views.exits:
+        labels = {"vm": r.vm, "vcpu": str(r.vcpu), "isa": r.isa, "reason": r.reason}
+        out.append(Metric("kvmbpf_exits_total", "counter", "kvm_exit events", labels, r.count))
+        out.append(Metric("kvmbpf_exit_latency_seconds", "histogram",
+                          "kvm_exit to the next kvm_entry", labels, hist=r.latency, scale=1e-9))
+    for r in views.userspace:
+        labels = {"vm": r.vm, "vcpu": _vcpu(r.vcpu), "reason": r.reason}
+        out.append(Metric("kvmbpf_userspace_exits_total", "counter", "KVM_RUN returns to the VMM",
+                          labels, r.count))
+        out.append(Metric("kvmbpf_vmm_time_seconds", "histogram",
+                          "KVM_RUN return to the next KVM_RUN", labels, hist=r.vmm_time, scale=1e-9))
+    out += [Metric("kvmbpf_pio_total", "counter", "kvm_pio events",
+                   {"vm": r.vm, "port": f"0x{r.port:x}", "direction": r.direction}, r.count)
+            for r in views.pio]
+    out += [Metric("kvmbpf_mmio_total", "counter", "kvm_mmio events",
+                   {"vm": r.vm, "gpa": f"0x{r.gpa:x}", "access": r.access}, r.count)
+            for r in views.mmio]
+    return out
+
+
+class ExitsCollector(BaseCollector):
+    """kvmbpf exits: exit reasons, exits to the VMM, PIO and MMIO per VM and vCPU."""
+
+    program_name = "exits"
+
+    def __init__(self, scope: Scope, include_idle: bool = False,
+                 alert_rate: float = DEFAULT_ALERT_RATE):
+        self.names = ReasonNames.from_kernel()
+        self.include_idle = include_idle
+        self.alert_rate = alert_rate
+        self.vcpu_of: dict[int, int | None] = {}      # tid -> vCPU index, every thread seen
+        super().__init__(scope, {"FILTER_TIDS": int(bool(scope.vcpus))})
+
+    def update_filters(self) -> None:
+        """VMs (and with --vcpu, vCPU threads) in; exit starts of threads no longer traced out."""
+        self.program.fill("traced_tgids", self.scope.tgids())
+        if self.scope.vcpus:
+            self.program.fill("traced_tids", self.scope.vcpu_tids())
+        tids = self.scope.all_tids()
+        for name in ("exit_start", "uexit_start"):
+            starts = self.program.table(name)
+            for key in [k for k in starts.keys() if k.value not in tids]:
+                starts.pop(key, None)
+
+    def _labels(self) -> Labels:
+        self.vcpu_of.update({t.tid: t.vcpu for vm in self.scope.inv.vms for t in vm.vcpus})
+        names = {vm.pid: vm.name for vm in self.scope.inv.vms}
+        return Labels(self.names, {**self.scope.gone, **names}, self.vcpu_of)
+
+    def snapshot(self) -> ExitsSnapshot:
+        self.refresh()
+        elapsed = self.interval.tick()
+        current = {name: self.program.read(name) for name in MAPS}
+        deltas = {name: self.interval.counts(name, rows) for name, rows in current.items()}
+        labels = self._labels()
+        views = build_views(deltas, elapsed, labels)
+        since_start = build_views(current, self.interval.last_time - self.interval.start_time, labels)
+        status = kvm_exit_status(since_start)
+        return ExitsSnapshot(
+            interval_s=round(elapsed, 3), vms={vm.name: vm.pid for vm in self.scope.vms},
+            kvm_exit=status, include_idle=self.include_idle, alert_rate=self.alert_rate,
+            exits=views.exits, exit_latency=vm_latencies(views.exits, self.include_idle),
+            userspace_exits=views.userspace, pio=views.pio, mmio=views.mmio,
+            alerts=alerts(views, elapsed, self.alert_rate),
+            notes=status_notes(status, since_start, os.path.isdir(PVM_MODULE)),
+            overflow=self.overflow(), _metrics=metrics_of(since_start))

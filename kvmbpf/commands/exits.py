@@ -1,0 +1,23 @@
+"""`kvmbpf exits`: exit reasons and their latency, exits to the VMM, PIO ports and MMIO addresses."""
+from __future__ import annotations
+
+import click
+
+from ..cli import emit_snapshots, main, tracing_options
+from ..collectors.base import Scope
+from ..errors import KvmbpfError
+
+
+@main.command()
+@tracing_options
+@click.option("--include-idle", is_flag=True,
+              help="Count idle exits (HLT, MWAIT) in the per-VM handling-latency summary.")
+@click.option("--alert-rate", type=float, default=10_000.0, show_default=True,
+              help="Flag a reason, port or address above this many events/s on one VM.")
+def exits(vms, pids, vcpus, timing, as_json, top, include_idle, alert_rate) -> None:
+    """Per VM and vCPU: why it exits (and how long that takes), what reaches the VMM, PIO and MMIO."""
+    if not alert_rate > 0:
+        raise KvmbpfError(f"--alert-rate must be > 0 (got {alert_rate:g})")
+    from ..collectors.exits import ExitsCollector
+    emit_snapshots(ExitsCollector(Scope(vms, pids, vcpus), include_idle, alert_rate),
+                   timing, as_json, top)

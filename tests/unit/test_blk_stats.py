@@ -1,0 +1,101 @@
+"""kvmbpf blk: device parsing, map rows -> per-VM/device stats, argument checks (no BPF)."""
+import pytest
+
+from kvmbpf.collectors.base import Scope
+from kvmbpf.collectors.blk import (DEPTH, ISSUE, OPS, QUEUE, SIZE, BlkCollector, BlkSnapshot,
+                                   build_stats, op_metrics, parse_device, split_dev)
+from kvmbpf.errors import KvmbpfError
+from kvmbpf.hist import slot_of
+from kvmbpf.inventory import kernel_dev
+
+
+@pytest.fixture
+def sysfs(tmp_path):
+    for name, majmin in (("loop3", "7:3"), ("sda", "8:0"), ("nvme0n1", "259:0")):
+        (tmp_path / "class" / "block" / name).mkdir(parents=True)
+        (tmp_path / "class" / "block" / name / "dev").write_text(majmin + "\n")
+        (tmp_path / "dev" / "block" / majmin).mkdir(parents=True)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("spec,want", [("loop3", (7, 3)), ("/dev/loop3", (7, 3)), ("7:3", (7, 3)),
+                                       ("sda", (8, 0)), ("259:0", (259, 0))])
+def test_parse_device(sysfs, spec, want):
+    assert parse_device(spec, sys=sysfs) == want
+
+
+@pytest.mark.parametrize("spec", ["loop9", "9:9", "", "../loop3", "/dev/../loop3", "7:3x", "sda; rm"])
+def test_unknown_device_is_an_error(sysfs, spec):
+    with pytest.raises(KvmbpfError, match="no block device"):
+        parse_device(spec, sys=sysfs)
+
+
+def test_dev_encoding_round_trips():
+    assert split_dev(kernel_dev(259, 65537)) == (259, 65537)
+    assert split_dev(kernel_dev(7, 3)) == (7, 3)
+
+
+LOOP3 = kernel_dev(7, 3)
+SDA = kernel_dev(8, 0)
+READ, WRITE, FLUSH = OPS.index("read"), OPS.index("write"), OPS.index("flush")
+
+
+def _rows():
+    hists = {
+        (100, LOOP3, READ, QUEUE, slot_of(20_000)): 4, (100, LOOP3, READ, ISSUE, slot_of(15_000)): 4,
+        (100, LOOP3, READ, SIZE, slot_of(512)): 4, (100, LOOP3, READ, DEPTH, 1): 3,
+        (100, LOOP3, READ, DEPTH, 2): 1,
+        (100, LOOP3, FLUSH, QUEUE, slot_of(150_000)): 2, (100, LOOP3, FLUSH, SIZE, 0): 2,
+        (100, LOOP3, FLUSH, DEPTH, 1): 2,
+        (0, SDA, WRITE, ISSUE, slot_of(90_000)): 1, (0, SDA, WRITE, SIZE, slot_of(4096)): 1,
+    }
+    counts = {(100, LOOP3, READ, 0): 4, (100, LOOP3, READ, 1): 2048, (100, LOOP3, READ, 3): 5,
+              (100, LOOP3, FLUSH, 0): 2, (100, LOOP3, FLUSH, 2): 1, (100, LOOP3, FLUSH, 6): 1,
+              (0, SDA, WRITE, 0): 1, (0, SDA, WRITE, 1): 4096}
+    return build_stats(hists, counts, {100: "web", 0: "host"}.__getitem__,
+                       {LOOP3: "loop3", SDA: "sda"}.__getitem__)
+
+
+def test_build_stats_rows_per_vm_device_op():
+    ops, devices = _rows()
+    by = {(o.vm, o.device, o.op): o for o in ops}
+    assert set(by) == {("web", "loop3", "read"), ("web", "loop3", "flush"), ("host", "sda", "write")}
+    read = by["web", "loop3", "read"]
+    assert (read.requests, read.bytes, read.errors, read.dev) == (4, 2048, 0, "7:3")
+    assert read.queue_to_complete.count == read.issue_to_complete.count == read.size.count == 4
+    assert abs(read.queue_to_complete.percentiles()["p50"] - 20_000) <= 20_000 / 32
+    flush = by["web", "loop3", "flush"]
+    assert (flush.requests, flush.errors, flush.issue_to_complete.count) == (2, 1, 0)
+    host = by["host", "sda", "write"]
+    assert host.queue_to_complete.count == 0 and host.issue_to_complete.count == 1
+
+
+def test_device_rows_sum_over_operations():
+    _, devices = _rows()
+    web = next(d for d in devices if d.vm == "web")
+    assert (web.requests, web.backmerges, web.requeues, web.errors) == (6, 5, 1, 1)
+    assert web.depth.count == 6 and web.depth.max() == 2
+
+
+def test_snapshot_renders_and_exports():
+    ops, devices = _rows()
+    snap = BlkSnapshot(2.0, ops, devices, overflow=3, expired=0, _metrics=op_metrics(ops, devices))
+    assert snap.headline().startswith("blk: 7 requests (4/s)")
+    queue, issue, per_dev = snap.tables(top=10)
+    assert len(queue.rows) == 3 and queue.rows[0][:4] == ["web", "loop3", "read", 4]
+    assert any("3 requests not tracked" in n for n in queue.notes)
+    assert len(per_dev.rows) == 2
+    names = {(m.name, m.labels.get("op"), m.labels.get("interval")) for m in snap.metrics()}
+    assert ("kvmbpf_blk_latency_seconds", "read", "queue") in names
+    assert ("kvmbpf_blk_latency_seconds", "write", "queue") not in names   # host write: issue only
+    assert ("kvmbpf_blk_requests_total", "flush", None) in names
+
+
+@pytest.mark.parametrize("kwargs,scope,msg", [
+    ({"all_io": True}, Scope(("web",)), "--all"),
+    ({"all_io": True}, Scope((), (123,)), "--all"),
+    ({}, Scope((), (), (0,)), "--vcpu"),
+])
+def test_conflicting_options(kwargs, scope, msg):
+    with pytest.raises(KvmbpfError, match=msg):
+        BlkCollector(scope, **kwargs)
