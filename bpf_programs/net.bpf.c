@@ -12,6 +12,20 @@
  * code location kept).
  *
  * Map methods are written out in functions: bcc 0.26 refuses them inside macros (COUNT_ADD).
+ *
+ * Protocol view (with -DSKB_HEAD_OFF etc., offsets from the kernel's BTF, never from headers):
+ * on a traced device only, the frame's first bytes are read with bpf_probe_read_kernel and
+ * classified (ARP, IPv6, ICMP, DNS, DHCP with its option-53 message type, other UDP/TCP/IPv4,
+ * other).  Received: the frame starts at head + mac_header (eth_type_trans() already moved
+ * data past the Ethernet header); queued for transmit: at data (__dev_queue_xmit() has just
+ * reset mac_header to it).  Reads stay below head + tail (the linear part).
+ *
+ * Forward latency: the time from an skb's receive on a traced device (or, with DEEP_PROBES,
+ * from the tun_get_user() call that built it) to its successful transmit on another one.
+ *
+ * DEEP_PROBES (kprobes, or fentry with DEEP_FENTRY): per-function call counts in tun and the
+ * bridge, per traced device; the device comes from skb->dev or a net_device argument, read
+ * at BTF offsets (SKB_DEV_OFF, NETDEV_NAME_OFF).
  */
 #include "kvmbpf.h"
 
@@ -40,6 +54,18 @@ struct seen_t {
     u32 origin;     /* first traced device the skb was seen on */
     u32 rx_dev;     /* last traced device that received it (0: never received) */
     u32 last;       /* last traced device it was seen on */
+    u32 start;      /* what rx_ts marks: START_RECEIVE or START_TUN_GET_USER */
+    u64 rx_ts;      /* when it entered rx_dev */
+};
+
+#define START_RECEIVE 0
+#define START_TUN_GET_USER 1
+
+struct lat_key {
+    u32 in_dev;
+    u32 out_dev;
+    u32 start;
+    u32 slot;
 };
 
 struct traffic_key {
@@ -64,6 +90,7 @@ BPF_TABLE("lru_hash", u64, struct seen_t, seen, SEEN_MAX);
 BPF_PERCPU_HASH(traffic, struct traffic_key, u64, 4096);
 BPF_PERCPU_HASH(forwards, struct fwd_key, u64, 4096);
 BPF_PERCPU_HASH(drops, struct drop_key, u64, 4096);
+BPF_PERCPU_HASH(latency, struct lat_key, u64, 8192);
 KVMBPF_OVERFLOW_MAP
 
 /* The traced-device id of a tracepoint's `name` field at args + (data_loc & 0xffff), or 0. */
@@ -95,19 +122,267 @@ static __always_inline void add(u32 dev, u32 kind, u64 n)
     bump(traffic.lookup_or_try_init(&k, &zero), n);
 }
 
-/* Remember an skb on device `dev`; rx: the device received it. */
-static __always_inline void remember(u64 skb, u32 dev, int rx)
+/* Remember an skb on device `dev`; rx: the device received it, at rx_ts (from `start`). */
+static __always_inline void remember(u64 skb, u32 dev, int rx, u64 rx_ts, u32 start)
 {
     struct seen_t *s = seen.lookup(&skb);
     if (s) {
         s->last = dev;
-        if (rx)
+        if (rx) {
             s->rx_dev = dev;
+            s->rx_ts = rx_ts;
+            s->start = start;
+        }
         return;
     }
-    struct seen_t n = {.origin = dev, .rx_dev = rx ? dev : 0, .last = dev};
+    struct seen_t n = {.origin = dev, .rx_dev = rx ? dev : 0, .last = dev, .start = start,
+                       .rx_ts = rx ? rx_ts : 0};
     seen.update(&skb, &n);
 }
+
+#ifdef SKB_HEAD_OFF
+/* protocol classes of `protos` (mirrored in kvmbpf/collectors/net.py PROTOS) */
+#define P_OTHER 0
+#define P_ARP 1
+#define P_IPV6 2
+#define P_ICMP 3
+#define P_DNS 4
+#define P_DHCP 5
+#define P_UDP 6
+#define P_TCP 7
+#define P_IPV4 8
+#ifndef DHCP_OPTIONS
+#define DHCP_OPTIONS 8      /* options looked at for option 53 (it is usually the first) */
+#endif
+
+struct proto_key {
+    u32 dev;
+    u32 dir;        /* 0: received by the device, 1: queued for transmit on it */
+    u32 proto;
+    u32 dhcp;       /* DHCP message type (option 53), 0 if not DHCP or not found */
+};
+
+BPF_PERCPU_HASH(protos, struct proto_key, u64, 4096);
+
+/* The DHCP message type (option 53) of the BOOTP message whose UDP header is at `udp`. */
+static __always_inline u32 dhcp_type(u64 udp, u64 end)
+{
+    u64 o = udp + 8 + 236;              /* UDP header, fixed BOOTP fields */
+    u32 cookie = 0;
+    if (o + 4 > end)
+        return 0;
+    bpf_probe_read_kernel(&cookie, 4, (void *)o);
+    if (cookie != 0x63538263)           /* 99.130.83.99, read little-endian */
+        return 0;
+    o += 4;
+#pragma unroll
+    for (int i = 0; i < DHCP_OPTIONS; i++) {
+        u8 opt[3] = {};
+        if (o + 3 > end)
+            return 0;
+        bpf_probe_read_kernel(opt, 3, (void *)o);
+        if (opt[0] == 53)
+            return opt[1] == 1 ? opt[2] : 0;
+        if (opt[0] == 255)
+            return 0;
+        o += opt[0] == 0 ? 1 : 2 + opt[1];
+    }
+    return 0;
+}
+
+/* Classify the Ethernet frame in [p, end). */
+static __always_inline u32 classify(u64 p, u64 end, u32 *dhcp)
+{
+    u8 eth[14] = {};
+    if (p + 14 > end)
+        return P_OTHER;
+    bpf_probe_read_kernel(eth, 14, (void *)p);
+    u16 type = (eth[12] << 8) | eth[13];
+    if (type == 0x0806)
+        return P_ARP;
+    if (type == 0x86DD)
+        return P_IPV6;
+    if (type != 0x0800)
+        return P_OTHER;
+    u8 ip[20] = {};
+    p += 14;
+    if (p + 20 > end)
+        return P_IPV4;
+    bpf_probe_read_kernel(ip, 20, (void *)p);
+    u32 ihl = (ip[0] & 0xf) * 4;
+    if (ip[9] == 1)
+        return P_ICMP;
+    if ((ip[9] != 6 && ip[9] != 17) || ihl < 20 || (ip[6] & 0x1f) || ip[7])
+        return P_IPV4;                  /* not TCP/UDP, or a later fragment (no ports) */
+    u8 ports[4] = {};
+    p += ihl;
+    if (p + 4 > end)
+        return P_IPV4;
+    bpf_probe_read_kernel(ports, 4, (void *)p);
+    u16 sport = (ports[0] << 8) | ports[1], dport = (ports[2] << 8) | ports[3];
+    if (sport == 53 || dport == 53)
+        return P_DNS;
+    if (ip[9] == 6)
+        return P_TCP;
+    if ((sport == 67 || sport == 68) && (dport == 67 || dport == 68)) {
+        *dhcp = dhcp_type(p, end);
+        return P_DHCP;
+    }
+    return P_UDP;
+}
+
+/* Count the frame of skb on dev; rx: received (frame at head + mac_header), else at data. */
+static __always_inline void count_proto(u64 skb, u32 dev, int rx)
+{
+    u64 head = 0, data = 0;
+    u32 tail = 0;
+    u16 mac = 0;
+    bpf_probe_read_kernel(&head, 8, (void *)(skb + SKB_HEAD_OFF));
+    bpf_probe_read_kernel(&tail, 4, (void *)(skb + SKB_TAIL_OFF));
+    if (rx) {
+        bpf_probe_read_kernel(&mac, 2, (void *)(skb + SKB_MAC_OFF));
+        data = mac == 0xffff ? 0 : head + mac;
+    } else {
+        bpf_probe_read_kernel(&data, 8, (void *)(skb + SKB_DATA_OFF));
+    }
+    struct proto_key k = {.dev = dev, .dir = rx ? 0 : 1};
+    if (head && data)
+        k.proto = classify(data, head + tail, &k.dhcp);
+    u64 zero = 0;
+    bump(protos.lookup_or_try_init(&k, &zero), 1);
+}
+#else
+static __always_inline void count_proto(u64 skb, u32 dev, int rx) {}
+#endif
+
+#ifdef DEEP_PROBES
+/* functions of `calls` (mirrored in kvmbpf/collectors/net.py DEEP_FUNCTIONS) */
+#define F_TUN_GET_USER 0
+#define F_BR_HANDLE_FRAME 1
+#define F_BR_FORWARD 2
+#define F_DEV_QUEUE_XMIT 3
+#define F_BR_DEV_XMIT 4
+#define F_TUN_NET_XMIT 5
+
+struct call_key {
+    u32 dev;
+    u32 fn;
+};
+
+BPF_PERCPU_HASH(calls, struct call_key, u64, 1024);
+BPF_TABLE("lru_hash", u32, u64, tun_entry, 4096);   /* tid -> tun_get_user() entry time */
+
+static __always_inline void count_call(u32 dev, u32 fn)
+{
+    struct call_key k = {.dev = dev, .fn = fn};
+    u64 zero = 0;
+    bump(calls.lookup_or_try_init(&k, &zero), 1);
+}
+
+/* The traced-device id of a struct net_device *, or 0. */
+static __always_inline u32 netdev_id(u64 netdev)
+{
+    struct devname k = {};
+    if (!netdev)
+        return 0;
+    bpf_probe_read_kernel_str(k.name, sizeof(k.name), (void *)(netdev + NETDEV_NAME_OFF));
+    u32 *id = traced_devs.lookup(&k);
+    return id ? *id : 0;
+}
+
+static __always_inline u32 skb_dev_id(u64 skb)
+{
+    u64 netdev = 0;
+    bpf_probe_read_kernel(&netdev, 8, (void *)(skb + SKB_DEV_OFF));
+    return netdev_id(netdev);
+}
+
+/* The thread is about to build an skb from what its VMM wrote: which tap is known at its
+ * netif_receive_skb, where the call is counted. */
+static __always_inline int on_tun_get_user(u64 a0, u64 a1)
+{
+    u32 tid = current_tid();
+    u64 now = bpf_ktime_get_ns();
+    tun_entry.update(&tid, &now);
+    return 0;
+}
+
+static __always_inline int on_br_handle_frame(u64 pskb, u64 a1)
+{
+    u64 skb = 0;
+    bpf_probe_read_kernel(&skb, 8, (void *)pskb);
+    u32 dev = skb ? skb_dev_id(skb) : 0;
+    if (dev)
+        count_call(dev, F_BR_HANDLE_FRAME);
+    return 0;
+}
+
+/* br_forward(to, skb, ...): skb->dev is still the ingress port */
+static __always_inline int on_br_forward(u64 to, u64 skb)
+{
+    u32 dev = skb_dev_id(skb);
+    if (dev)
+        count_call(dev, F_BR_FORWARD);
+    return 0;
+}
+
+static __always_inline int on_dev_queue_xmit(u64 skb, u64 a1)
+{
+    u32 dev = skb_dev_id(skb);
+    if (dev)
+        count_call(dev, F_DEV_QUEUE_XMIT);
+    return 0;
+}
+
+static __always_inline int on_br_dev_xmit(u64 skb, u64 netdev)
+{
+    u32 dev = netdev_id(netdev);
+    if (dev)
+        count_call(dev, F_BR_DEV_XMIT);
+    return 0;
+}
+
+static __always_inline int on_tun_net_xmit(u64 skb, u64 netdev)
+{
+    u32 dev = netdev_id(netdev);
+    if (dev)
+        count_call(dev, F_TUN_NET_XMIT);
+    return 0;
+}
+
+#if DEEP_FENTRY
+#define DEEP_PROBE(fn, handler) KFUNC_PROBE(fn) { return handler(ctx[0], ctx[1]); }
+#else
+#define DEEP_PROBE(fn, handler) \
+    int deep_##fn(struct pt_regs *ctx) { return handler(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx)); }
+#endif
+DEEP_PROBE(tun_get_user, on_tun_get_user)
+DEEP_PROBE(br_handle_frame, on_br_handle_frame)
+DEEP_PROBE(br_forward, on_br_forward)
+#if DEV_QUEUE_XMIT_INLINE                /* 5.19+: dev_queue_xmit() is an inline wrapper */
+DEEP_PROBE(__dev_queue_xmit, on_dev_queue_xmit)
+#else
+DEEP_PROBE(dev_queue_xmit, on_dev_queue_xmit)
+#endif
+DEEP_PROBE(br_dev_xmit, on_br_dev_xmit)
+DEEP_PROBE(tun_net_xmit, on_tun_net_xmit)
+
+/* When this thread is in tun_get_user() (its netif_receive_skb is synchronous): count the
+ * call on dev and return its entry time as the skb's start. */
+static __always_inline u32 tun_start(u32 dev, u64 *ts)
+{
+    u32 tid = current_tid();
+    u64 *entry = tun_entry.lookup(&tid);
+    if (!entry)
+        return START_RECEIVE;
+    *ts = *entry;
+    tun_entry.delete(&tid);
+    count_call(dev, F_TUN_GET_USER);
+    return START_TUN_GET_USER;
+}
+#else
+static __always_inline u32 tun_start(u32 dev, u64 *ts) { return START_RECEIVE; }
+#endif
 
 /* Device `dev` received an skb from its far side (a tap: from the guest). len excludes the
  * Ethernet header, already pulled by eth_type_trans(). */
@@ -118,7 +393,11 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
         return 0;
     add(dev, RX_PACKETS, 1);
     add(dev, RX_BYTES, args->len + ETH_HLEN);
-    remember((u64)args->skbaddr, dev, 1);
+    u64 skb = (u64)args->skbaddr;
+    count_proto(skb, dev, 1);
+    u64 ts = bpf_ktime_get_ns();
+    u32 start = tun_start(dev, &ts);
+    remember(skb, dev, 1, ts, start);
     return 0;
 }
 
@@ -135,12 +414,15 @@ TRACEPOINT_PROBE(net, net_dev_queue)
         u64 zero = 0;
         bump(forwards.lookup_or_try_init(&k, &zero), 1);
     }
-    remember(skb, dev, 0);
+    count_proto(skb, dev, 0);
+    remember(skb, dev, 0, 0, 0);
     return 0;
 }
 
 /* The driver's verdict on a transmit (a tap: to the guest); rc != 0 (tun: NET_XMIT_DROP when
- * the queue towards the guest is full) counts as failed. */
+ * the queue towards the guest is full) counts as failed.  A success of an skb another traced
+ * device received ends a forward latency (missed when the reader freed it first: tun hands
+ * the skb to the VMM's thread before this tracepoint). */
 TRACEPOINT_PROBE(net, net_dev_xmit)
 {
     u32 dev = dev_id(args, args->data_loc_name);
@@ -152,6 +434,14 @@ TRACEPOINT_PROBE(net, net_dev_xmit)
     }
     add(dev, TX_PACKETS, 1);
     add(dev, TX_BYTES, args->len);
+    u64 skb = (u64)args->skbaddr;
+    struct seen_t *s = seen.lookup(&skb);
+    if (s && s->rx_dev && s->rx_dev != dev && s->rx_ts) {
+        struct lat_key k = {.in_dev = s->rx_dev, .out_dev = dev, .start = s->start};
+        k.slot = hist_slot(bpf_ktime_get_ns() - s->rx_ts);
+        u64 zero = 0;
+        bump(latency.lookup_or_try_init(&k, &zero), 1);
+    }
     return 0;
 }
 

@@ -1,29 +1,45 @@
-/* steal.bpf.c — host run-queue delay of vCPU threads (what the guest sees as steal).
+/* steal.bpf.c — host run-queue delay of vCPU threads (what the guest sees as steal),
+ * and every task that ran on the CPU a vCPU waited for, charged for the time it ran.
  *
- * A vCPU starts waiting when it becomes runnable (sched_wakeup, sched_wakeup_new)
- * or is switched out while still runnable (preempted); it stops waiting when
- * sched_switch puts it on a CPU.  The waited time goes into a per-vCPU histogram
- * and total, and is split between two culprits: the task that held the CPU when
- * the wait ended (prev of that sched_switch) gets the time it had been running
- * (at most the wait), and the task that held the CPU when the wait began (the
- * preemptor, or the task running on the wakeup's target CPU) gets the rest.
- * Exact when at most two tasks ran during the wait; time of tasks that ran in
- * between is charged to the first.  This needs one store per sched_switch of
- * any task (who runs on this CPU since when): the only work non-vCPU tasks cost
- * besides the two filter misses.
+ * A vCPU starts waiting when it becomes runnable (sched_wakeup, sched_wakeup_new: on
+ * target_cpu) or is switched out while still runnable (preempted: on this CPU); it stops
+ * waiting when sched_switch puts it on a CPU.  The waited time goes into a per-vCPU
+ * histogram and total (at the end of each wait).
+ *
+ * Culprits: each CPU keeps the time its current task got it and NSLOTS slots naming
+ * the vCPUs waiting there.  At every sched_switch on a CPU with waiters, prev is charged,
+ * per waiting vCPU, the time it ran since max(its switch-in, the vCPU's wait start on
+ * this CPU): so every task that ran during the wait is charged what it ran, and the
+ * charges of one wait add up to the wait.  A vCPU that migrates while waiting
+ * (sched_migrate_task) moves its slot; the time between the old CPU's last switch and
+ * the migration is charged to UNATTRIBUTED.  A vCPU that finds no free slot (more
+ * waiting vCPUs on one CPU than NSLOTS: counted in no_slot) falls back: the task it
+ * replaces is charged its running time, the rest of the wait is UNATTRIBUTED.
+ * Cost for a switch of unrelated tasks on a CPU with no waiting vCPU: one array lookup,
+ * one store, one load, and the two traced_tids misses.
+ *
+ * Slots are written from other CPUs (wakeups, migrations): claimed and freed with
+ * cmpxchg (bpf_spin_lock is not allowed in tracing programs).  The wait record
+ * (runnable_at) is the truth: a slot whose owner has no record is freed by the next
+ * switch on that CPU (records of untraced threads are removed by the collector).
  *
  * Every id and state comes from tracepoint fields (never task_struct: the build
- * headers do not match this kernel).  Non-vCPU tasks stop at the traced_tids miss.
+ * headers do not match this kernel).
  *
- * Parameters: STATE_MASK — prev_state bits that mean "not runnable" (all the
- * task-state flags of the sched_switch print format); a preempted task reports
- * TASK_RUNNING or only the "preempted" bit above them.
+ * Parameters: STATE_MASK — prev_state bits that mean "not runnable" (all the task-state
+ * flags of the sched_switch print format); a preempted task reports TASK_RUNNING or
+ * only the "preempted" bit above them.  NSLOTS — waiting vCPUs tracked per CPU.
  */
 #include "kvmbpf.h"
 
 #ifndef STATE_MASK
 #define STATE_MASK 0xff
 #endif
+#ifndef NSLOTS
+#define NSLOTS 8
+#endif
+#define NO_SLOT 0xffffffff
+#define UNATTRIBUTED 0xffffffff     /* culprit tid of wait time no task could be named for */
 #define MAX_VCPUS 4096
 #define MAX_CULPRITS 16384
 #define MAX_CPUS 1024
@@ -45,57 +61,123 @@ struct wait_key {
 struct culprit_key {
     u32 tgid;
     u32 tid;
-    u32 culprit;          /* tid of the task that held the CPU (0: idle) */
+    u32 culprit;          /* tid of the task that held the CPU (0: idle; UNATTRIBUTED) */
     char comm[16];
 };
 
-/* A task on a CPU since a time: the current one per CPU, or a vCPU's first culprit. */
-struct holder {
-    u64 since;
-    u32 tid;
-    char comm[16];
+/* A waiting vCPU. */
+struct wait {
+    u64 since;            /* the wait began */
+    u64 here;             /* it began waiting on cpu (later than since after a migration) */
+    u32 tgid;
+    u32 cpu;
+    u32 slot;             /* its slot on cpu, NO_SLOT: none (fallback attribution) */
 };
 
-BPF_ARRAY(cpu_cur, struct holder, MAX_CPUS);               /* CPU -> who runs there since when */
-BPF_HASH(runnable_at, u32, struct holder, MAX_VCPUS);     /* waiting vCPU -> wait start, first holder */
+struct cpu_state {
+    u64 since;            /* the current task got this CPU */
+    u64 waiters;          /* slots in use */
+    u64 owner[NSLOTS];    /* tid of a vCPU waiting here, 0: free (u64: cmpxchg) */
+};
+
+BPF_ARRAY(cpus, struct cpu_state, MAX_CPUS);
+BPF_HASH(runnable_at, u32, struct wait, MAX_VCPUS);
 BPF_PERCPU_HASH(waits, struct wait_key, u64, MAX_VCPUS * 64);
 BPF_PERCPU_HASH(wait_ns, struct vcpu_key, u64, MAX_VCPUS);
 /* Switch-ins of a vCPU with no recorded start: its wakeup or preemption was not seen
  * (first wait after attach, or the kernel skipped this program: BPF recursion guard). */
 BPF_PERCPU_ARRAY(unmatched, u64, 1);
+/* Waits that found every slot of their CPU taken (fallback attribution). */
+BPF_PERCPU_ARRAY(no_slot, u64, 1);
 BPF_PERCPU_HASH(culprit_ns, struct culprit_key, u64, MAX_CULPRITS);
 
-static __always_inline void count_overflow(void)
+static __always_inline void bump(u64 *n)
 {
-    u32 zero = 0;
-    u64 *n = overflow.lookup(&zero);
     if (n)
         (*n)++;
 }
 
-/* Add to a counter found or created by lookup_or_try_init (NULL: the map is full). */
-static __always_inline void add_ns(u64 *c, u64 delta)
+static __always_inline void count_overflow(void)
 {
+    u32 zero = 0;
+    bump(overflow.lookup(&zero));
+}
+
+static __always_inline void charge(u32 tgid, u32 tid, u32 culprit, const char *comm, u64 ns)
+{
+    if (!ns)
+        return;
+    u64 zero = 0;
+    struct culprit_key ck = {.tgid = tgid, .tid = tid, .culprit = culprit};
+    if (comm)
+        __builtin_memcpy(ck.comm, comm, sizeof(ck.comm));
+    u64 *c = culprit_ns.lookup_or_try_init(&ck, &zero);
     if (c)
-        *c += delta;
+        *c += ns;
     else
         count_overflow();
 }
 
-/* Woken: the wait starts now, first culprit = whoever runs on the target CPU. */
+static __always_inline u64 later(u64 a, u64 b)
+{
+    return a > b ? a : b;
+}
+
+static __always_inline u32 claim_slot(struct cpu_state *c, u32 tid)
+{
+#pragma unroll
+    for (u32 i = 0; i < NSLOTS; i++) {
+        if (c->owner[i] == 0 && __sync_val_compare_and_swap(&c->owner[i], 0, (u64)tid) == 0) {
+            __sync_fetch_and_add(&c->waiters, 1);
+            return i;
+        }
+    }
+    u32 zero = 0;
+    bump(no_slot.lookup(&zero));
+    return NO_SLOT;
+}
+
+static __always_inline void free_slot(struct cpu_state *c, u32 slot, u32 tid)
+{
+    if (slot >= NSLOTS)
+        return;
+    if (__sync_val_compare_and_swap(&c->owner[slot], (u64)tid, 0) == tid)
+        __sync_fetch_and_add(&c->waiters, -1);
+}
+
+static __always_inline void free_slot_on(u32 cpu, u32 slot, u32 tid)
+{
+    struct cpu_state *c = cpus.lookup(&cpu);
+    if (c)
+        free_slot(c, slot, tid);
+}
+
+/* tid starts waiting on cpu: the record first, so a concurrent switch there never
+ * sees the slot without its record (and frees it as stale). */
+static __always_inline void start_wait(struct cpu_state *c, u32 tid, u32 tgid, u32 cpu, u64 now)
+{
+    struct wait nw = {.since = now, .here = now, .tgid = tgid, .cpu = cpu, .slot = NO_SLOT};
+    if (runnable_at.update(&tid, &nw) != 0) {
+        count_overflow();
+        return;
+    }
+    struct wait *w = runnable_at.lookup(&tid);
+    if (w)
+        w->slot = claim_slot(c, tid);
+}
+
+/* Woken: the wait starts now on the target CPU. */
 static __always_inline void mark_runnable(u32 tid, u32 cpu)
 {
-    if (!traced_tids.lookup(&tid))
+    u32 *tgid = traced_tids.lookup(&tid);
+    if (!tgid)
         return;
-    struct holder w = {.since = bpf_ktime_get_ns()};
-    struct holder *cur = cpu_cur.lookup(&cpu);
-    if (cur) {
-        w.tid = cur->tid;
-        __builtin_memcpy(w.comm, cur->comm, sizeof(w.comm));
-    }
     /* Already waiting (e.g. woken while preempted): the wait began earlier. */
-    if (runnable_at.insert(&tid, &w) != 0 && !runnable_at.lookup(&tid))
-        count_overflow();
+    if (runnable_at.lookup(&tid))
+        return;
+    struct cpu_state *c = cpus.lookup(&cpu);
+    if (c)
+        start_wait(c, tid, *tgid, cpu, bpf_ktime_get_ns());
 }
 
 TRACEPOINT_PROBE(sched, sched_wakeup)
@@ -110,67 +192,130 @@ TRACEPOINT_PROBE(sched, sched_wakeup_new)
     return 0;
 }
 
-static __always_inline void charge(u32 tgid, u32 tid, u32 culprit, const char *comm, u64 ns)
+/* A waiting vCPU moved to another CPU's run queue: move its slot. */
+TRACEPOINT_PROBE(sched, sched_migrate_task)
 {
-    if (!ns)
+    u32 tid = args->pid;
+    if (!traced_tids.lookup(&tid))
+        return 0;
+    struct wait *w = runnable_at.lookup(&tid);
+    if (!w)
+        return 0;                          /* a sleeper being woken: its wakeup follows */
+    u32 from = w->cpu, to = args->dest_cpu, slot = w->slot;
+    u64 now = bpf_ktime_get_ns(), here = w->here;
+    w->cpu = to;
+    w->here = now;
+    if (slot == NO_SLOT)
+        return 0;                          /* fallback attribution stays */
+    w->slot = NO_SLOT;
+    struct cpu_state *c = cpus.lookup(&from);
+    if (c) {
+        /* from's current task ran since its last switch: not known here */
+        u64 start = later(c->since, here);
+        if (now > start)
+            charge(w->tgid, tid, UNATTRIBUTED, 0, now - start);
+        free_slot(c, slot, tid);
+    }
+    c = cpus.lookup(&to);
+    if (c)
+        w->slot = claim_slot(c, tid);
+    return 0;
+}
+
+/* prev leaves this CPU: charge it, per vCPU waiting here, the time it ran during the wait. */
+static __always_inline void charge_waiters(struct cpu_state *c, u32 cpu, u32 prev,
+                                           const char *prev_comm_src, u64 prev_since, u64 now)
+{
+    char comm[16];
+    bpf_probe_read_kernel(comm, sizeof(comm), prev_comm_src);
+#pragma unroll
+    for (u32 i = 0; i < NSLOTS; i++) {
+        u32 tid = c->owner[i];
+        if (!tid || tid == prev)
+            continue;
+        struct wait *w = runnable_at.lookup(&tid);
+        if (!w) {
+            free_slot(c, i, tid);          /* stale: its wait ended unseen or is untraced */
+            continue;
+        }
+        if (w->cpu != cpu || w->slot != i)
+            continue;                      /* being set up or moved right now */
+        u64 start = later(prev_since, w->here);
+        if (now > start)
+            charge(w->tgid, tid, prev, comm, now - start);
+    }
+}
+
+/* A vCPU got this CPU: its wait ends (prev's share was charged by charge_waiters). */
+static __always_inline void end_wait(struct cpu_state *c, u32 cpu, u32 next, u32 prev,
+                                     const char *prev_comm_src, u64 prev_since, u64 now)
+{
+    struct wait *w = runnable_at.lookup(&next);
+    if (!w) {
+        u32 zero_idx = 0;
+        bump(unmatched.lookup(&zero_idx));
         return;
+    }
+    u64 delta = now > w->since ? now - w->since : 0;
+    u32 tgid = w->tgid;
+    if (w->slot != NO_SLOT && w->cpu == cpu) {
+        free_slot(c, w->slot, next);
+    } else {
+        /* fallback (no slot) or a migration not seen: prev's share, the rest unnamed */
+        if (w->slot != NO_SLOT)
+            free_slot_on(w->cpu, w->slot, next);
+        u64 span = w->here < now ? now - w->here : 0;
+        u64 last = now - later(prev_since, w->here);
+        if (last > span)
+            last = span;
+        char comm[16];
+        bpf_probe_read_kernel(comm, sizeof(comm), prev_comm_src);
+        charge(tgid, next, prev, comm, last);
+        if (w->slot == NO_SLOT)
+            charge(tgid, next, UNATTRIBUTED, 0, span - last);
+    }
+    runnable_at.delete(&next);
+
     u64 zero = 0;
-    struct culprit_key ck = {.tgid = tgid, .tid = tid, .culprit = culprit};
-    __builtin_memcpy(ck.comm, comm, sizeof(ck.comm));
-    add_ns(culprit_ns.lookup_or_try_init(&ck, &zero), ns);
+    struct wait_key wk = {.tgid = tgid, .tid = next, .slot = hist_slot(delta)};
+    u64 *n = waits.lookup_or_try_init(&wk, &zero);   /* (HIST_ADD: bcc refuses map calls in macros) */
+    if (n)
+        (*n)++;
+    else
+        count_overflow();
+    struct vcpu_key vk = {.tgid = tgid, .tid = next};
+    u64 *total = wait_ns.lookup_or_try_init(&vk, &zero);
+    if (total)
+        *total += delta;
+    else
+        count_overflow();
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u32 prev = args->prev_pid, next = args->next_pid;
     u32 cpu = bpf_get_smp_processor_id();
+    struct cpu_state *c = cpus.lookup(&cpu);
+    if (!c)
+        return 0;
     u64 now = bpf_ktime_get_ns();
-    struct holder *cur = cpu_cur.lookup(&cpu);
-    if (!cur)
-        return 0;
-    u64 prev_since = cur->since;
-    cur->since = now;
-    cur->tid = next;
-    bpf_probe_read_kernel(cur->comm, sizeof(cur->comm), args->next_comm);
+    u64 prev_since = c->since;
+    c->since = now;
+    if (c->waiters)
+        charge_waiters(c, cpu, prev, args->prev_comm, prev_since, now);
 
-    if (traced_tids.lookup(&prev)) {
-        if ((args->prev_state & STATE_MASK) == 0) {
-            struct holder w = {.since = now, .tid = next};
-            __builtin_memcpy(w.comm, cur->comm, sizeof(w.comm));
-            if (runnable_at.update(&prev, &w) != 0)
-                count_overflow();
-        } else {
-            runnable_at.delete(&prev);   /* went to sleep: a wakeup starts the next wait */
-        }
+    u32 *prev_tgid = traced_tids.lookup(&prev);
+    if (prev_tgid) {
+        struct wait *w = runnable_at.lookup(&prev);
+        if (w && w->slot != NO_SLOT)       /* a wakeup seen while it still ran */
+            free_slot_on(w->cpu, w->slot, prev);
+        if ((args->prev_state & STATE_MASK) == 0)
+            start_wait(c, prev, *prev_tgid, cpu, now);
+        else if (w)
+            runnable_at.delete(&prev);     /* went to sleep: a wakeup starts the next wait */
     }
 
-    u32 *tgid = traced_tids.lookup(&next);
-    if (!tgid)
-        return 0;
-    struct holder *w = runnable_at.lookup(&next);
-    if (!w) {
-        u32 zero_idx = 0;
-        u64 *n = unmatched.lookup(&zero_idx);
-        if (n)
-            (*n)++;
-        return 0;
-    }
-    u64 delta = now - w->since;
-    /* prev ran since it got this CPU or since the wait began, whichever is later */
-    u64 last = now - (prev_since > w->since ? prev_since : w->since);
-    if (last > delta)
-        last = delta;
-    u32 vm = *tgid;
-    char prev_comm[16];
-    bpf_probe_read_kernel(prev_comm, sizeof(prev_comm), args->prev_comm);
-    charge(vm, next, prev, prev_comm, last);
-    charge(vm, next, w->tid, w->comm, delta - last);
-    runnable_at.delete(&next);
-
-    u64 zero = 0;
-    struct wait_key wk = {.tgid = vm, .tid = next, .slot = hist_slot(delta)};
-    add_ns(waits.lookup_or_try_init(&wk, &zero), 1);   /* (HIST_ADD: bcc refuses map calls in macros) */
-    struct vcpu_key vk = {.tgid = vm, .tid = next};
-    add_ns(wait_ns.lookup_or_try_init(&vk, &zero), delta);
+    if (traced_tids.lookup(&next))
+        end_wait(c, cpu, next, prev, args->prev_comm, prev_since, now);
     return 0;
 }

@@ -7,9 +7,11 @@ everything detaches in close(), which the session calls on every exit path.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import re
+import struct
 import sys
 import tempfile
 from importlib import resources
@@ -51,6 +53,30 @@ def _import_bcc():
     except ImportError:
         raise KvmbpfError("bcc is not installed (Debian/Ubuntu: apt install python3-bpfcc)") from None
     return bcc
+
+
+_NR_BPF = 321                    # x86-64
+_BPF_OBJ_GET_INFO_BY_FD = 15
+_PROG_INFO_SIZE = 232            # struct bpf_prog_info (UAPI, append-only)
+_PROG_INFO_RECURSION_MISSES = 208
+
+
+def bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
+    """bpf(2) without bcc; returns the result or -errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    ret = libc.syscall(_NR_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return ret if ret >= 0 else -ctypes.get_errno()
+
+
+def recursion_misses(prog_fd: int) -> int:
+    """Events the kernel did not deliver to a program because another BPF program was
+    already running on that CPU (bpf_prog_info.recursion_misses, Linux 5.12+)."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = ctypes.create_string_buffer(struct.pack("IIQ", prog_fd, _PROG_INFO_SIZE,
+                                                   ctypes.addressof(info)))
+    if bpf_syscall(_BPF_OBJ_GET_INFO_BY_FD, attr) < 0:
+        return 0
+    return struct.unpack_from("Q", info, _PROG_INFO_RECURSION_MISSES)[0]
 
 
 def fentry_probe() -> tuple[bool, str]:
@@ -128,6 +154,20 @@ class Program:
         except Exception as exc:  # bcc raises bare Exception
             detail = _first_error(err.getvalue()) or str(exc)
             raise KvmbpfError(f"cannot attach a uprobe to {sym} in {binary}: {detail}") from None
+
+    def attach_kprobe(self, sym: str, fn_name: str) -> None:
+        """Attach handler fn_name to the entry of kernel function sym."""
+        err = io.StringIO()
+        try:
+            with _capture_stderr(err):
+                self.bpf.attach_kprobe(event=sym.encode(), fn_name=fn_name.encode())
+        except Exception as exc:  # bcc raises bare Exception
+            detail = _first_error(err.getvalue()) or str(exc)
+            raise KvmbpfError(f"cannot attach a kprobe to {sym}: {detail}") from None
+
+    def missed_events(self) -> int:
+        """Events lost to the kernel's recursion guard, summed over this program's functions."""
+        return sum(recursion_misses(fn.fd) for fn in self.bpf.funcs.values())
 
     def fill(self, map_name: str, entries: dict[int, int]) -> None:
         """Make an integer->integer filter map hold exactly `entries`."""

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from . import tracefs
+from .bpf import bpf_syscall
 
 #: Tracepoints each collector needs (group, name); the first ones are required.
 COLLECTOR_TRACEPOINTS: dict[str, list[tuple[str, str]]] = {
@@ -81,12 +82,11 @@ def privileged() -> bool:
 
 def bpf_syscall_works() -> tuple[bool, str]:
     """Create (and close) a one-entry BPF array map: the cheapest proof the syscall works."""
-    libc = ctypes.CDLL(None, use_errno=True)
     attr = (ctypes.c_uint32 * 30)()
     attr[0], attr[1], attr[2], attr[3] = 2, 4, 4, 1     # BPF_MAP_TYPE_ARRAY, key 4, value 4, 1 entry
-    fd = libc.syscall(321, 0, ctypes.byref(attr), ctypes.sizeof(attr))  # __NR_bpf, BPF_MAP_CREATE
+    fd = bpf_syscall(0, attr)                            # BPF_MAP_CREATE
     if fd < 0:
-        return False, os.strerror(ctypes.get_errno())
+        return False, os.strerror(-fd)
     os.close(fd)
     return True, "BPF_MAP_CREATE works"
 

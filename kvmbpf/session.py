@@ -41,33 +41,56 @@ class _Stop(Exception):
     pass
 
 
-def _raise_stop(signum, frame):
-    raise _Stop()
+class _StopSignals:
+    """SIGINT/SIGTERM end the run: at once while sleeping, after the read while reading.
+
+    A signal that lands in the middle of snapshot() or emit() must not lose that
+    interval, so it only sets a flag there; the loop stops after emitting.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.sleeping = False
+        self.saved: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if self.sleeping:
+            raise _Stop()
 
 
 def run(collector: Collector, timing: Timing, emit: Callable[[object], None],
         on_tick: Callable[[], None] | None = None) -> int:
     """Drive a collector: emit one snapshot per interval; returns the number emitted."""
-    old_term = signal.signal(signal.SIGTERM, _raise_stop)
     emitted = 0
     start = time.monotonic()
     try:
-        while True:
-            wait = _next_wait(timing, start, emitted)
-            if wait is None:
-                break
-            try:
-                _sleep(wait)
-            except (KeyboardInterrupt, _Stop):
+        with _StopSignals() as signals:
+            while not signals.requested:
+                wait = _next_wait(timing, start, emitted)
+                if wait is None:
+                    break
+                signals.sleeping = True
+                try:
+                    _sleep(wait)
+                except _Stop:
+                    pass
+                finally:
+                    signals.sleeping = False
+                if on_tick and not signals.requested:
+                    on_tick()
                 emit(collector.snapshot())
                 emitted += 1
-                break
-            if on_tick:
-                on_tick()
-            emit(collector.snapshot())
-            emitted += 1
     finally:
-        signal.signal(signal.SIGTERM, old_term)
         collector.close()
     return emitted
 

@@ -1,6 +1,10 @@
 """Net: packets and bytes per VM tap and bridge, bridge forwards, and drops on a VM's path.
 
-Attach method: tracepoints only (net.bpf.c).  The devices traced are named in a
+Attach plan, per host (the best the kernel allows): fentry > kprobe > tracepoints only.
+The tracepoints always run (traffic, protocols, forwards, forward latency, drops); fentry
+or kprobes add per-function call counts in tun and the bridge, and start the latency at
+tun_get_user().  Struct fields (sk_buff, net_device) are read at offsets from the kernel's
+BTF (kvmbpf.btf), never from headers, which may not match the kernel.  The devices traced are named in a
 map (name -> small id): by default every tap of the VMs in scope plus the bridge
 it is on, re-read from the inventory each interval; with --dev exactly the
 devices given.  Directions are the device's own, as in its interface counters:
@@ -17,11 +21,12 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import tracefs
+from .. import btf, kernel, tracefs
 from ..errors import KvmbpfError
+from ..hist import Histogram
 from ..inventory import VM, Inventory
-from ..snapshot import Metric, TableData
-from .base import BaseCollector, Scope
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
+from .base import BaseCollector, Scope, histograms
 
 #: Counter kinds of net.bpf.c's `traffic` map, in order.
 KINDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "tx_failed")
@@ -31,19 +36,126 @@ TRACEPOINTS = ("net:netif_receive_skb", "net:net_dev_queue", "net:net_dev_xmit",
 _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
 
 
-def attach_method(kprobes: bool) -> str:
-    """What kvmbpf net attaches to and why (shown with every output)."""
-    why = ("kprobes are not available on this kernel (no kprobe_events in tracefs), so tun and "
-           "bridge internals (tun_get_user, tun_net_xmit, br_forward) are not probed"
-           if not kprobes else "tun/bridge kprobes are not used")
-    return f"tracepoints ({', '.join(TRACEPOINTS)}); {why}"
+#: Protocol classes of net.bpf.c's `protos` map (P_*), in order.
+PROTOS = ("other", "ARP", "IPv6", "ICMP", "DNS", "DHCP", "other UDP", "other TCP", "other IPv4")
+DHCP_TYPES = {1: "DISCOVER", 2: "OFFER", 3: "REQUEST", 4: "DECLINE", 5: "ACK", 6: "NAK",
+              7: "RELEASE", 8: "INFORM"}
+#: Deep-probe functions of net.bpf.c (F_*), in order; the device each call is counted on.
+DEEP_FUNCTIONS = ("tun_get_user", "br_handle_frame", "br_forward", "dev_queue_xmit",
+                  "br_dev_xmit", "tun_net_xmit")
+CALL_DEVICE = {"tun_get_user": "the tap it built an skb for", "br_handle_frame": "ingress port",
+               "br_forward": "ingress port", "dev_queue_xmit": "the device transmitting",
+               "br_dev_xmit": "the bridge", "tun_net_xmit": "the tap (towards the guest)"}
+LATENCY_START = ("netif_receive_skb", "tun_get_user")
+#: sk_buff/net_device fields read in BPF: -D name -> (struct, member, size)
+STRUCT_FIELDS = {"SKB_HEAD_OFF": ("sk_buff", "head", 8), "SKB_DATA_OFF": ("sk_buff", "data", 8),
+                 "SKB_TAIL_OFF": ("sk_buff", "tail", 4), "SKB_MAC_OFF": ("sk_buff", "mac_header", 2),
+                 "SKB_DEV_OFF": ("sk_buff", "dev", 8), "NETDEV_NAME_OFF": ("net_device", "name", 16)}
+MAX_OFFSET = 4096
 
 
-def kprobes_available() -> bool:
+def struct_offsets(lookup=btf.member_offset) -> dict[str, int]:
+    """-D parameters for the protocol view and deep probes, validated: a size that is not what
+    the BPF code reads (the kernel changed the field) is an error, not a wrong read."""
+    out = {}
+    for param, (struct_name, member, size) in STRUCT_FIELDS.items():
+        offset, got = lookup(struct_name, member)
+        if got != size or not 0 <= offset < MAX_OFFSET:
+            raise KvmbpfError(f"{struct_name}.{member} is {got} bytes at {offset} in this kernel's "
+                              f"BTF; kvmbpf reads {size}")
+        out[param] = offset
+    return out
+
+
+# ---- attach plan: fentry > kprobe > tracepoints -------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """How kvmbpf net attaches on this host, and why not better."""
+    method: str                          # "fentry", "kprobe" or "tracepoints"
+    functions: tuple[str, ...] = ()      # kernel functions probed (fentry/kprobe)
+    why: str = ""
+
+    def describe(self) -> str:
+        base = f"tracepoints ({', '.join(TRACEPOINTS)})"
+        if self.method == "tracepoints":
+            return f"tracepoints only: {base}; no tun/bridge function probes: {self.why}"
+        return f"{self.method} on {', '.join(self.functions)} + {base}" + (f"; {self.why}" if self.why else "")
+
+
+@dataclass(frozen=True)
+class HostProbes:
+    """What the host offers for deep probes (gathered by host_probes())."""
+    offsets_error: str | None            # why struct offsets are unknown, or None
+    kprobes: bool
+    fentry: tuple[bool, str]
+    in_vmlinux: frozenset[str]           # functions with vmlinux BTF (fentry-able by bcc 0.26)
+    in_kallsyms: frozenset[str]          # functions the kernel has (kprobe-able)
+
+
+def kernel_name(function: str, kallsyms: frozenset[str]) -> str:
+    """dev_queue_xmit is an inline wrapper of __dev_queue_xmit since 5.19."""
+    if function == "dev_queue_xmit" and "dev_queue_xmit" not in kallsyms:
+        return "__dev_queue_xmit"
+    return function
+
+
+def choose_plan(host: HostProbes, requested: str = "auto") -> Plan:
+    """The best attach method; with `requested` other than auto, that one or a one-line error."""
+    names = tuple(kernel_name(f, host.in_kallsyms) for f in DEEP_FUNCTIONS)
+    options: dict[str, Plan | str] = {}
+    if host.offsets_error:
+        options["fentry"] = options["kprobe"] = host.offsets_error
+    else:
+        missing = [n for n in names if n not in host.in_vmlinux]
+        options["fentry"] = (f"{', '.join(missing)} not in vmlinux BTF (in modules; bcc 0.26 "
+                             "attaches fentry to vmlinux functions only)" if missing
+                             else f"fentry does not work here ({host.fentry[1]})" if not host.fentry[0]
+                             else Plan("fentry", names))
+        present = tuple(n for n in names if n in host.in_kallsyms)
+        options["kprobe"] = ("kprobes are not available on this kernel (no kprobe PMU or "
+                             "kprobe_events)" if not host.kprobes
+                             else "none of the functions is in /proc/kallsyms" if not present
+                             else Plan("kprobe", present, "" if present == names else
+                                       "not in this kernel: " + ", ".join(sorted(set(names) - set(present)))))
+    if requested == "tracepoints":
+        return Plan("tracepoints", why="--attach tracepoints")
+    if requested != "auto":
+        chosen = options[requested]
+        if isinstance(chosen, str):
+            raise KvmbpfError(f"--attach {requested}: {chosen}")
+        return chosen
+    if isinstance(options["fentry"], Plan):
+        return options["fentry"]
+    if isinstance(options["kprobe"], Plan):
+        plan = options["kprobe"]
+        return Plan("kprobe", plan.functions, "; ".join(filter(None, [plan.why, f"not fentry: {options['fentry']}"])))
+    return Plan("tracepoints", why=host.offsets_error or f"{options['kprobe']}; fentry: {options['fentry']}")
+
+
+def host_probes(kallsyms_text: str | None = None) -> HostProbes:
+    """Ask the running kernel (BTF, kallsyms, kprobe support, a trial fentry load)."""
     try:
-        return (tracefs.tracefs_root() / "kprobe_events").exists()
-    except KvmbpfError:
-        return False
+        struct_offsets()
+        vmlinux = btf.vmlinux()
+        offsets_error = None
+    except KvmbpfError as exc:
+        return HostProbes(str(exc), False, (False, ""), frozenset(), frozenset())
+    text = kallsyms_text if kallsyms_text is not None else _read("/proc/kallsyms")
+    wanted = set(DEEP_FUNCTIONS) | {"__dev_queue_xmit"}
+    in_kallsyms = frozenset(parts[2] for parts in (line.split() for line in text.splitlines())
+                            if len(parts) >= 3 and parts[2] in wanted and parts[1] in "tT")
+    in_vmlinux = frozenset(n for n in wanted if vmlinux.has_function(n))
+    deep = tuple(kernel_name(f, in_kallsyms) for f in DEEP_FUNCTIONS)
+    # a trial fentry load costs a compile: only when fentry could be used at all
+    fentry = kernel.fentry_works() if all(n in in_vmlinux for n in deep) else (False, "not tried")
+    return HostProbes(offsets_error, kernel.has_kprobes(), fentry, in_vmlinux, in_kallsyms)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 # ---- which devices ------------------------------------------------------------------------
@@ -202,6 +314,42 @@ class Drop:
 
 
 @dataclass
+class ProtoStats:
+    """Frames of one protocol on a device in one direction: rx = received by the device (a
+    tap: from the guest), tx = queued for transmit on it (a tap: towards the guest)."""
+    dev: str
+    vm: str | None
+    direction: str
+    protocol: str
+    dhcp: str | None             # DHCP message type (option 53) for DHCP, "?" when not found
+    packets: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.protocol} {self.dhcp}" if self.dhcp else self.protocol
+
+
+@dataclass
+class CallStats:
+    """Calls of a tun/bridge function counted on a traced device (see CALL_DEVICE)."""
+    dev: str
+    vm: str | None
+    function: str
+    calls: int
+
+
+@dataclass
+class ForwardLatency:
+    """Time from an skb's start (its receive on `ingress`, or the tun_get_user() call that
+    built it) to its successful transmit on `egress` (ns)."""
+    bridge: str | None
+    ingress: str
+    egress: str
+    start: str
+    latency: Histogram
+
+
+@dataclass
 class NetSnapshot:
     interval_s: float
     attach: str
@@ -211,6 +359,10 @@ class NetSnapshot:
     drops: list[Drop]
     overflow: int                # counter updates lost since start because a map was full
     notes: list[str] = field(default_factory=list)
+    plan: str = "tracepoints"    # fentry, kprobe or tracepoints
+    protocols: list[ProtoStats] = field(default_factory=list)
+    calls: list[CallStats] = field(default_factory=list)
+    forward_latency: list[ForwardLatency] = field(default_factory=list)
     _metrics: list[Metric] = field(default_factory=list)
 
     def headline(self) -> str:
@@ -219,7 +371,7 @@ class NetSnapshot:
         rate = (lambda n: n / self.interval_s) if self.interval_s > 0 else (lambda n: 0.0)
         return (f"net: {len(self.devices)} device(s), rx {rx} ({rate(rx):.0f}/s), tx {tx} "
                 f"({rate(tx):.0f}/s), {sum(d.count for d in self.drops)} drop(s) in "
-                f"{self.interval_s:.2f}s [tracepoints]")
+                f"{self.interval_s:.2f}s [{self.plan}]")
 
     def tables(self, top: int) -> list[TableData]:
         notes = [self.attach] + self.notes
@@ -247,6 +399,19 @@ class NetSnapshot:
                                     ["vm", "dev", "last dev", "reason", "location", "count"],
                                     [[d.vm or "-", d.dev, d.last_dev, d.reason, d.location, d.count]
                                      for d in self.drops[:top]]))
+        if self.protocols:
+            tables.append(TableData("protocols (rx = received by the device, tx = queued on it)",
+                                    ["dev", "vm", "dir", "protocol", "packets"],
+                                    [[p.dev, p.vm or "-", p.direction, p.label, p.packets]
+                                     for p in self.protocols[:top]]))
+        if self.calls:
+            tables.append(TableData(f"{self.plan} calls per device", ["dev", "vm", "function", "calls"],
+                                    [[c.dev, c.vm or "-", c.function, c.calls] for c in self.calls[:top]]))
+        if self.forward_latency:
+            tables.append(TableData("forward latency (start -> transmitted on egress)",
+                                    ["ingress", "egress", "from", "count", *LATENCY_COLUMNS],
+                                    [[f.ingress, f.egress, f.start, f.latency.count, *latency_cells(f.latency)]
+                                     for f in self.forward_latency[:top]]))
         return tables
 
     def metrics(self) -> list[Metric]:
@@ -266,6 +431,40 @@ class Counts:
     traffic: dict[tuple, int]    # (dev, kind) -> n
     forwards: dict[tuple, int]   # (in_dev, out_dev) -> n
     drops: dict[tuple, int]      # (origin, last, location, reason) -> n
+    protos: dict[tuple, int] = field(default_factory=dict)    # (dev, dir, proto, dhcp) -> n
+    calls: dict[tuple, int] = field(default_factory=dict)     # (dev, fn) -> n
+    latency: dict[tuple, int] = field(default_factory=dict)   # (in_dev, out_dev, start, slot) -> n
+
+
+def build_packets(counts: Counts, devices: dict[int, Device]) -> tuple[
+        list[ProtoStats], list[CallStats], list[ForwardLatency]]:
+    """Protocol, call and latency rows (pure, like build())."""
+    def dev(i: int) -> Device:
+        return devices.get(i, Device(f"dev#{i}", "device"))
+    protos = sorted((ProtoStats(dev(d).name, dev(d).vm, ("rx", "tx")[direction], _name(PROTOS, proto),
+                                (DHCP_TYPES.get(dhcp, f"type {dhcp}") if dhcp else "?")
+                                if PROTOS[proto:proto + 1] == ("DHCP",) else None, n)
+                     for (d, direction, proto, dhcp), n in counts.protos.items()),
+                    key=lambda p: (p.dev, p.direction, -p.packets))
+    calls = sorted((CallStats(dev(d).name, dev(d).vm, _name(DEEP_FUNCTIONS, fn), n)
+                    for (d, fn), n in counts.calls.items()), key=lambda c: (c.dev, c.function))
+    latency = [ForwardLatency(dev(i).bridge or dev(o).bridge, dev(i).name, dev(o).name,
+                              _name(LATENCY_START, start), hist)
+               for (i, o, start), hist in sorted(histograms(counts.latency).items())]
+    return protos, calls, latency
+
+
+def _name(names: tuple[str, ...], index: int) -> str:
+    return names[index] if 0 <= index < len(names) else f"#{index}"
+
+
+def dhcp_notes(protos: list[ProtoStats], devices: dict[int, Device]) -> list[str]:
+    """The seed's DHCP question, answered per tap: DISCOVERs from the guest and no OFFER back."""
+    taps = {d.name for d in devices.values() if d.kind == "tap"}
+    count = lambda dev, direction, kind: sum(p.packets for p in protos if p.dev == dev  # noqa: E731
+                                             and p.direction == direction and p.dhcp == kind)
+    return [f"{tap}: {count(tap, 'rx', 'DISCOVER')} DHCPDISCOVER from the guest and no DHCPOFFER to it"
+            for tap in sorted(taps) if count(tap, "rx", "DISCOVER") and not count(tap, "tx", "OFFER")]
 
 
 def build(counts: Counts, devices: dict[int, Device], elapsed: float,
@@ -308,7 +507,8 @@ def per_vm(stats, drops: list[Drop]) -> list[VMNetStats]:
     return sorted(vms.values(), key=lambda v: v.vm)
 
 
-def net_metrics(devices: list[DeviceStats], forwards: list[Forward], drops: list[Drop]) -> list[Metric]:
+def net_metrics(devices: list[DeviceStats], forwards: list[Forward], drops: list[Drop],
+                protos: list[ProtoStats] = (), calls: list[CallStats] = ()) -> list[Metric]:
     """Prometheus samples from cumulative rows."""
     out = []
     for d in devices:
@@ -327,15 +527,22 @@ def net_metrics(devices: list[DeviceStats], forwards: list[Forward], drops: list
         out.append(Metric("kvmbpf_net_drops_total", "counter", "Dropped skbs seen on a traced device",
                           {"vm": d.vm or "", "dev": d.dev, "reason": d.reason, "location": d.location},
                           d.count))
+    for p in protos:
+        out.append(Metric("kvmbpf_net_protocol_packets_total", "counter", "Frames per protocol",
+                          {"dev": p.dev, "vm": p.vm or "", "direction": p.direction,
+                           "protocol": p.label}, p.packets))
+    for c in calls:
+        out.append(Metric("kvmbpf_net_function_calls_total", "counter", "tun/bridge function calls",
+                          {"dev": c.dev, "vm": c.vm or "", "function": c.function}, c.calls))
     return out
 
 
 class NetCollector(BaseCollector):
-    """kvmbpf net: traffic of VM taps and bridges, forwards and drops."""
+    """kvmbpf net: traffic of VM taps and bridges, protocols, forwards, drops, deep probes."""
 
     program_name = "net"
 
-    def __init__(self, scope: Scope, devs: tuple[str, ...] = ()):
+    def __init__(self, scope: Scope, devs: tuple[str, ...] = (), attach: str = "auto"):
         if scope.vcpus:
             raise KvmbpfError("--vcpu does not apply to net (a VM's traffic is not per vCPU)")
         scope.refresh(strict=True)
@@ -344,8 +551,24 @@ class NetCollector(BaseCollector):
         self.devices: dict[int, Device] = {}
         self.reasons = tracefs.symbolic_table("skb", "kfree_skb", 0)
         self.symbolize = Kallsyms()
-        self.attach = attach_method(kprobes_available())
-        super().__init__(scope)
+        host = host_probes()
+        self.plan = choose_plan(host, attach)
+        self.attach = self.plan.describe()
+        params = {} if host.offsets_error else struct_offsets()
+        self.maps = ["traffic", "forwards", "drops", "latency"] + ([] if host.offsets_error else ["protos"])
+        self.notes = list(NOTES) + ([f"no protocol view: {host.offsets_error}"] if host.offsets_error else [])
+        if self.plan.method != "tracepoints":
+            self.maps.append("calls")
+            params.update(DEEP_PROBES=1, DEEP_FENTRY=int(self.plan.method == "fentry"),
+                          DEV_QUEUE_XMIT_INLINE=int("__dev_queue_xmit" in self.plan.functions))
+        super().__init__(scope, params)
+        if self.plan.method == "kprobe":
+            try:
+                for function in self.plan.functions:
+                    self.program.attach_kprobe(function, f"deep_{function}")
+            except KvmbpfError:
+                self.close()
+                raise
 
     def wanted(self) -> dict[str, Device]:
         return self.explicit or vm_devices(self.scope.vms)
@@ -366,15 +589,19 @@ class NetCollector(BaseCollector):
 
     def read(self, delta: bool) -> Counts:
         get = self.read_delta if delta else (lambda m: self.interval.last_counts.get(m, {}))
-        return Counts(get("traffic"), get("forwards"), get("drops"))
+        return Counts(**{m: get(m) for m in self.maps})
 
     def snapshot(self) -> NetSnapshot:
         self.refresh()
         elapsed = self.interval.tick()
-        rows = build(self.read(True), self.devices, elapsed, self.reasons, self.symbolize)
-        cumulative = build(self.read(False), self.devices, 0, self.reasons, self.symbolize)
-        notes = list(NOTES) if self.ids else ["no taps to trace (no VM with a tap in scope)"]
-        devices, _, forwards, drops = cumulative
+        delta, total = self.read(True), self.read(False)
+        rows = build(delta, self.devices, elapsed, self.reasons, self.symbolize)
+        protos, calls, latency = build_packets(delta, self.devices)
+        devices, _, forwards, drops = build(total, self.devices, 0, self.reasons, self.symbolize)
+        total_protos, total_calls, _ = build_packets(total, self.devices)
+        notes = (list(self.notes) + dhcp_notes(protos, self.devices) if self.ids
+                 else ["no taps to trace (no VM with a tap in scope)"])
         return NetSnapshot(round(elapsed, 6), self.attach, *rows, overflow=self.overflow(),
-                           notes=notes,
-                           _metrics=net_metrics(devices, forwards, drops))
+                           notes=notes, plan=self.plan.method, protocols=protos, calls=calls,
+                           forward_latency=latency,
+                           _metrics=net_metrics(devices, forwards, drops, total_protos, total_calls))

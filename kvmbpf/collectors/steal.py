@@ -5,11 +5,11 @@ guest sees it as steal).  The BPF side keeps cumulative per-vCPU wait
 histograms, totals and per-culprit totals; this side turns them into per-interval
 deltas labelled with VM names.
 
-Culprit attribution (in the BPF program): the task the vCPU replaced when it got
-the CPU is charged for the time it had been running, at most the wait; the task
-that held the CPU when the wait began (the preemptor, or whoever ran on the
-wakeup's target CPU) is charged the rest.  Exact when at most two tasks ran
-during a wait; tasks that ran in between are charged to the first.
+Culprit attribution (in the BPF program): every task that runs on the CPU a vCPU
+waits for is charged the time it ran during the wait, so one wait's charges add up
+to the wait.  Time no task can be named for (a migration between two switches, or
+more waiting vCPUs on one CPU than the program has slots for) is charged to an
+explicit "(unattributed)" culprit.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from .base import BaseCollector, Scope, histograms
 
 _FLAGS_RE = re.compile(r"__print_flags\((.*?)\)\s*:", re.S)
 _FLAG_PAIR_RE = re.compile(r'\{\s*(0x[0-9a-fA-F]+|\d+)\s*,\s*"[^"]*"\s*\}')
+UNATTRIBUTED = 0xffffffff        # culprit tid the BPF program uses for unnamed wait time
+SLOTS = 8                        # waiting vCPUs tracked per host CPU (NSLOTS)
 
 
 def runnable_state_mask(print_fmt: str) -> int:
@@ -54,6 +56,8 @@ class Culprit:
 
     @property
     def label(self) -> str:
+        if self.tid == -1:
+            return "(unattributed)"
         if self.vm is not None:
             return f"{self.vm}/vcpu{self.vcpu}" if self.vcpu is not None else f"{self.vm}/{self.comm}"
         if self.tid == 0:
@@ -90,6 +94,7 @@ class StealSnapshot:
     vms: list[VmSteal]
     overflow: int             # events lost to full maps since start
     unmatched: int            # vCPU switch-ins whose wait start was not seen, since start
+    no_slot: int              # waits that found their CPU's slots full, since start
     _metrics: list[Metric] = field(default_factory=list)
 
     def headline(self) -> str:
@@ -103,6 +108,9 @@ class StealSnapshot:
         if self.unmatched:
             notes.append(f"{self.unmatched} waits with an unseen start (first after attach, "
                          "or sched events the kernel did not run BPF for)")
+        if self.no_slot:
+            notes.append(f"{self.no_slot} waits with more waiting vCPUs on their CPU than slots: "
+                         "only the last holder named, the rest unattributed")
         vcpu_rows = [[vm.name + (" (gone)" if c.gone else ""), _vcpu_name(c), c.waits,
                       fmt_ns(c.wait_ns), f"{c.steal_pct:.1f}", *latency_cells(c.latency)]
                      for vm in self.vms for c in vm.vcpus]
@@ -114,7 +122,7 @@ class StealSnapshot:
         return [TableData("run-queue wait per vCPU (host steal)",
                           ["vm", "vcpu", "waits", "waited", "steal%", *LATENCY_COLUMNS],
                           vcpu_rows[:top], notes),
-                TableData("who held the CPU while vCPUs waited (first and last holder of each wait)",
+                TableData("who held the CPU while vCPUs waited (each task: the time it ran)",
                           ["vm", "culprit", "tid", "time", "% of vm wait"], culprit_rows)]
 
     def metrics(self) -> list[Metric]:
@@ -138,7 +146,10 @@ def process_of(tid: int) -> int | None:
 
 def label_culprit(tid: int, comm: str, wait_ns: int,
                   by_tid: dict[int, tuple[VM, Thread]]) -> Culprit:
-    """Name a culprit: a VM's thread by VM name (and vCPU), anything else by comm and pid."""
+    """Name a culprit: a VM's thread by VM name (and vCPU), anything else by comm and pid;
+    tid -1 for wait time no task could be named for."""
+    if tid == UNATTRIBUTED:
+        return Culprit("(unattributed)", -1, None, None, None, wait_ns)
     hit = by_tid.get(tid)
     if hit is not None:
         vm, thread = hit
@@ -171,14 +182,15 @@ class StealCollector(BaseCollector):
 
     program_name = "steal"
 
-    def __init__(self, scope: Scope):
+    def __init__(self, scope: Scope, slots: int = SLOTS):
         mask = runnable_state_mask(tracefs.read_format("sched", "sched_switch").print_fmt)
         self.reported: dict[tuple[int, int], int | None] = {}   # (tgid, tid) -> vcpu, last interval
         self.known: dict[int, int | None] = {}                  # tid -> vcpu index, ever seen
-        super().__init__(scope, {"STATE_MASK": mask})
+        super().__init__(scope, {"STATE_MASK": mask, "NSLOTS": slots})
 
     def update_filters(self) -> None:
-        """vCPU tids in; stale wait starts of threads no longer traced out (they never end)."""
+        """vCPU tids in; stale wait starts of threads no longer traced out (they never end;
+        the BPF side frees their CPU slots when it finds no record)."""
         tids = self.scope.vcpu_tids()
         self.program.fill("traced_tids", tids)
         starts = self.program.table("runnable_at")
@@ -192,6 +204,7 @@ class StealCollector(BaseCollector):
         totals = self.read_delta("wait_ns")
         culprit_rows = self.read_delta("culprit_ns")
         unmatched, overflow = sum(self.program.read("unmatched").values()), self.overflow()
+        no_slot = sum(self.program.read("no_slot").values())
         self.refresh()
         current = {(vm.pid, t.tid): t.vcpu for vm in self.scope.vms for t in vm.vcpus
                    if not self.scope.vcpus or t.vcpu in self.scope.vcpus}
@@ -212,7 +225,7 @@ class StealCollector(BaseCollector):
                 gone=(tgid, tid) not in current))
         self.reported = current
         vms = [self._vm_row(tgid, vcpus, elapsed) for tgid, vcpus in sorted(rows.items())]
-        return StealSnapshot(round(elapsed, 6), vms, overflow, unmatched, self._metrics())
+        return StealSnapshot(round(elapsed, 6), vms, overflow, unmatched, no_slot, self._metrics())
 
     def _vm_row(self, tgid: int, vcpus: list[VcpuSteal], elapsed: float) -> VmSteal:
         vcpus.sort(key=lambda c: (c.vcpu is None, c.vcpu or 0, c.tid))

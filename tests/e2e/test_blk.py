@@ -50,11 +50,14 @@ class Tracer:
         self.lines.append(line)
 
     def stop(self) -> list[dict]:
-        """SIGINT: the partial interval is printed, then the process exits 0."""
+        """SIGINT: the partial interval is printed, then the process exits 0.  Sent just
+        after an interval line, so it lands while the tool sleeps, not mid-read."""
+        self.lines.append(self.proc.stdout.readline())
         self.proc.send_signal(signal.SIGINT)
-        out, err = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, err
-        self.lines += out.splitlines()
+        # read() through the same text buffer readline() filled (communicate() would skip it)
+        self.lines += self.proc.stdout.read().splitlines()
+        err = self.proc.stderr.read()
+        assert self.proc.wait(timeout=30) == 0, err
         return [json.loads(line) for line in self.lines if line.startswith("{")]
 
     def kill(self) -> None:
@@ -175,7 +178,8 @@ def test_fio_count_and_latency_percentiles(lab, no_leaked_probes):
     dev = os.path.basename(disk.device)
     writes = [o for s in snapshots for o in s["ops"] if o["device"] == dev and o["op"] == "write"]
     assert {o["vm"] for o in writes} == {"host"}
-    assert sum(o["requests"] for o in writes) == fio["total_ios"] == len(exact) == 3000
+    counted = sum(o["requests"] for o in writes)
+    assert counted == fio["total_ios"] == len(exact) == 3000, (counted, fio["total_ios"], len(exact))
     assert sum(o["bytes"] for o in writes) == fio["io_bytes"]
     queue = sum((Histogram({int(s): n for s, n in o["queue_to_complete"]["buckets"]})
                  for o in writes), Histogram())
@@ -197,7 +201,8 @@ def test_sigint_flushes_the_partial_interval(lab, no_leaked_probes):
         subprocess.run(["dd", "if=/dev/zero", f"of={disk.device}", "bs=4k", "count=50",
                         "oflag=direct"], capture_output=True, check=True)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.stdout.read(), proc.stderr.read()
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,14 @@ def pinned_hog(cpu: int = CPU):
         hog.wait()
 
 
+def migrations(pid: int, tid: int) -> int:
+    """How often the kernel moved a thread between CPUs (se.nr_migrations)."""
+    for line in Path(f"/proc/{pid}/task/{tid}/sched").read_text().splitlines():
+        if line.startswith("se.nr_migrations"):
+            return int(line.split(":")[1])
+    raise AssertionError("no se.nr_migrations in /proc/<pid>/task/<tid>/sched")
+
+
 def schedstat(pid: int, tid: int) -> tuple[int, int, int]:
     """(CPU time ns, run delay ns, timeslices) of a thread: its /proc schedstat fields."""
     fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
@@ -120,11 +129,19 @@ def vcpu_row(snap, name: str):
     return vms[0], vms[0].vcpus[0]
 
 
+def in_flight(vcpu) -> float:
+    """How far culprit charges may be from the wait total in one interval: charges accrue
+    at every switch during a wait, the total when it ends, so a wait in flight at either
+    end of the interval counts on one side only."""
+    return 2 * vcpu.latency.percentiles()["max"] + 1e6
+
+
 def test_wait_matches_schedstat_and_the_hog_is_the_culprit(lab, no_leaked_probes):
     """The vCPU never sleeps, so every ns the hog runs on its CPU is a ns the vCPU waits:
-    the time charged to the hog can be at most the hog's own CPU time.  Others' work runs
-    on this CPU too, so the hog need not be most of the wait; with many tasks
-    interleaving, first/last-holder attribution under-charges it (seen: 25-40 %)."""
+    the hog is charged its own CPU time (schedstat field 1), capped by the vCPU's wait
+    (field 2).  Nice -10, not SCHED_FIFO: a FIFO hog would starve the vCPU (and everyone
+    else on this CPU) into a handful of second-long waits; at nice -10 the vCPU still
+    runs every few ms, so there are hundreds of waits and the hog outweighs others' work."""
     name = unique("st")
     vm, tid = spinning_vm(lab, name)
     with pinned_hog() as hog:
@@ -145,11 +162,13 @@ def test_wait_matches_schedstat_and_the_hog_is_the_culprit(lab, no_leaked_probes
     assert vcpu.latency.count == vcpu.waits
     assert pct["p50"] <= pct["p90"] <= pct["p99"] <= pct["max"] <= vcpu.wait_ns
     culprits = [(c.label, c.wait_ns) for c in vcpu.culprits[:6]]
-    (charged,) = [c for c in vcpu.culprits if c.tid == hog]
-    assert (charged.pid, charged.vm, charged.label) == (hog, None, f"python[{hog}]")
-    assert 0 < charged.wait_ns <= hog_truth.outer[0] * 1.05, (hog_truth, culprits)
-    assert sum(c.wait_ns for c in vcpu.culprits) == vcpu.wait_ns
-    assert snap.overflow == 0
+    charged = vcpu.culprits[0]
+    assert (charged.tid, charged.pid, charged.label) == (hog, hog, f"python[{hog}]"), culprits
+    low = min(hog_truth.inner[0], vcpu_truth.inner[1])
+    high = min(hog_truth.outer[0], vcpu_truth.outer[1])
+    assert 0.85 * low <= charged.wait_ns <= 1.05 * high, (hog_truth, vcpu_truth, culprits)
+    assert abs(sum(c.wait_ns for c in vcpu.culprits) - vcpu.wait_ns) <= in_flight(vcpu)
+    assert (snap.overflow, snap.no_slot) == (0, 0)
 
 
 def test_without_a_hog_the_wait_still_matches_schedstat(lab, no_leaked_probes):
@@ -180,8 +199,68 @@ def test_two_vms_on_one_cpu_blame_each_other_by_name(lab, no_leaked_probes):
         row, vcpu = vcpu_row(snap, me)
         (charged,) = [c for c in vcpu.culprits if c.tid == other_tid]
         assert (charged.vm, charged.vcpu, charged.label) == (other, 0, f"{other}/vcpu0")
-        assert 0 < charged.wait_ns <= other_ran.outer[0] * 1.05, other_ran
+        # both spin: whenever one runs on the shared CPU, the other waits
+        assert 0.85 * other_ran.inner[0] <= charged.wait_ns <= other_ran.outer[0] * 1.05, other_ran
         assert f"{other}/vcpu0" in [c.label for c in row.culprits]
+
+
+def test_more_waiting_vcpus_than_slots_fall_back_and_say_so(lab, no_leaked_probes):
+    """One slot per CPU and three spinning vCPUs on one CPU: two wait at once, so waits
+    find the slot taken: counted, the last holder named, the rest "(unattributed)"."""
+    names = [unique("so") for _ in range(3)]
+    vms = [spinning_vm(lab, name) for name in names]
+    collector = StealCollector(Scope(tuple(names)), slots=1)
+    try:
+        snap, truths = measured_interval(collector, [(vm.pid, tid) for vm, tid in vms])
+    finally:
+        collector.close()
+    assert snap.no_slot > 0 and snap.overflow == 0
+    unattributed = 0
+    for name, truth in zip(names, truths):
+        _, vcpu = vcpu_row(snap, name)
+        truth.check(1, vcpu.wait_ns, 0.05)
+        assert abs(sum(c.wait_ns for c in vcpu.culprits) - vcpu.wait_ns) <= in_flight(vcpu)
+        unattributed += sum(c.wait_ns for c in vcpu.culprits if c.label == "(unattributed)")
+    assert unattributed > 0
+
+
+def test_a_vcpu_moved_while_waiting_keeps_its_culprits(lab, no_leaked_probes):
+    """A hog on each CPU and the vCPU's affinity flipped between them every 20 ms: it is
+    migrated while waiting (sched_migrate_task moves its slot).  Charges still add up to
+    the wait and each hog is charged within its CPU time.  (Not "the hogs are the top
+    two": half the time the vCPU waits on the other CPU, where others' work runs too.)"""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    name = unique("sm")
+    vm, tid = spinning_vm(lab, name, cpus[0])
+    with pinned_hog(cpus[0]) as hog0, pinned_hog(cpus[1]) as hog1:
+        collector = StealCollector(Scope((name,)))
+        stop = time.monotonic() + 5
+        def flip():
+            n = 0
+            while time.monotonic() < stop:
+                os.sched_setaffinity(tid, {cpus[n % 2]})
+                n += 1
+                time.sleep(0.02)
+        moved_before = migrations(vm.pid, tid)
+        flipper = threading.Thread(target=flip)
+        flipper.start()
+        try:
+            snap, (truth, ran0, ran1) = measured_interval(
+                collector, [(vm.pid, tid), (hog0, hog0), (hog1, hog1)], seconds=3)
+        finally:
+            flipper.join()
+            collector.close()
+    _, vcpu = vcpu_row(snap, name)
+    truth.check(1, vcpu.wait_ns, 0.05)
+    assert abs(sum(c.wait_ns for c in vcpu.culprits) - vcpu.wait_ns) <= in_flight(vcpu)
+    culprits = [(c.label, c.wait_ns) for c in vcpu.culprits]
+    assert migrations(vm.pid, tid) - moved_before > 50
+    for hog, ran in ((hog0, ran0), (hog1, ran1)):
+        (charged,) = [c for c in vcpu.culprits if c.tid == hog]
+        assert 0 < charged.wait_ns <= ran.outer[0] * 1.05, (ran, culprits)
+    assert (snap.overflow, snap.no_slot) == (0, 0)
 
 
 def test_vms_coming_and_going(lab, no_leaked_probes):

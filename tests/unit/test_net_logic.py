@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmbpf.collectors.net import (KINDS, Counts, Device, Kallsyms, NetSnapshot, attach_method, build,
-                                   check_devices, vm_devices)
+from kvmbpf.collectors.net import (DEEP_FUNCTIONS, KINDS, PROTOS, Counts, Device, HostProbes, Kallsyms,
+                                   NetSnapshot, Plan, build, build_packets, check_devices, choose_plan,
+                                   dhcp_notes, struct_offsets, vm_devices)
 from kvmbpf.errors import KvmbpfError
 from kvmbpf.inventory import VM, Inventory, Tap
 from kvmbpf.lab.network import ether_frame
@@ -80,13 +81,81 @@ def test_build_rows_per_device_vm_forward_and_drop():
 
 
 def test_snapshot_schema_and_tables():
-    snap = NetSnapshot(1.0, attach_method(False), [], [], [], [], 0, ["a note"])
+    plan = choose_plan(host())
+    snap = NetSnapshot(1.0, plan.describe(), [], [], [], [], 0, ["a note"])
     data = plain(snap)
-    assert set(data) == {"interval_s", "attach", "devices", "vms", "forwards", "drops", "overflow", "notes"}
+    assert set(data) == {"interval_s", "attach", "devices", "vms", "forwards", "drops", "overflow", "notes",
+                         "plan", "protocols", "calls", "forward_latency"}
     assert "kprobes are not available" in snap.attach and "tracepoints (net:netif_receive_skb" in snap.attach
+    assert snap.attach.startswith("tracepoints only")
     tables = snap.tables(10)
     assert [t.title.split()[0] for t in tables] == ["VMs", "devices"]
-    assert tables[1].notes[0] == snap.attach and "net:" in snap.headline()
+    assert tables[1].notes[0] == snap.attach and "net:" in snap.headline() and "[tracepoints]" in snap.headline()
+
+
+ALL = frozenset(set(DEEP_FUNCTIONS) - {"dev_queue_xmit"} | {"__dev_queue_xmit"})
+
+
+def host(kprobes=False, fentry=(False, "EPERM"), vmlinux=frozenset(), kallsyms=ALL, offsets=None) -> HostProbes:
+    return HostProbes(offsets, kprobes, fentry, frozenset(vmlinux), frozenset(kallsyms))
+
+
+def test_plan_prefers_fentry_then_kprobe_then_tracepoints():
+    both = host(True, (True, "ok"), ALL)
+    assert choose_plan(both).method == "fentry"
+    assert "__dev_queue_xmit" in choose_plan(both).functions      # dev_queue_xmit is inline there
+    modules = host(True, (True, "ok"), {"__dev_queue_xmit"})      # tun/bridge in modules
+    plan = choose_plan(modules)
+    assert plan.method == "kprobe" and set(plan.functions) == ALL
+    assert "tun_get_user" in plan.why and "vmlinux functions only" in plan.why
+    assert choose_plan(host(True, kallsyms=ALL - {"br_dev_xmit"})).why.startswith("not in this kernel: br_dev_xmit")
+    none = choose_plan(host(vmlinux=ALL))
+    assert none.method == "tracepoints" and "kprobes are not available" in none.why and "EPERM" in none.why
+    assert choose_plan(host(True, offsets="no kernel BTF")) == Plan("tracepoints", why="no kernel BTF")
+
+
+def test_plan_requested_or_one_line_error():
+    assert choose_plan(host(True, (True, "ok"), ALL), "kprobe").method == "kprobe"
+    assert choose_plan(host(True, (True, "ok"), ALL), "tracepoints").method == "tracepoints"
+    with pytest.raises(KvmbpfError, match="--attach kprobe: kprobes are not available"):
+        choose_plan(host(), "kprobe")
+    with pytest.raises(KvmbpfError, match="--attach fentry: .*not in vmlinux BTF"):
+        choose_plan(host(True, (True, "ok")), "fentry")
+
+
+def test_struct_offsets_refuse_unexpected_sizes():
+    fields = {("sk_buff", "head"): (192, 8), ("sk_buff", "data"): (200, 8), ("sk_buff", "tail"): (184, 4),
+              ("sk_buff", "mac_header"): (182, 2), ("sk_buff", "dev"): (16, 8), ("net_device", "name"): (280, 16)}
+    got = struct_offsets(lambda s, m: fields[(s, m)])
+    assert got["SKB_MAC_OFF"] == 182 and got["NETDEV_NAME_OFF"] == 280
+    fields[("sk_buff", "tail")] = (184, 8)          # a 32-bit kernel's pointer tail
+    with pytest.raises(KvmbpfError, match="sk_buff.tail is 8 bytes at 184"):
+        struct_offsets(lambda s, m: fields[(s, m)])
+
+
+def test_protocol_call_and_latency_rows_and_dhcp_note():
+    devices = {1: Device("tapweb", "tap", "web", "br0"), 2: Device("tapdb", "tap", "db", "br0"),
+               3: Device("br0", "bridge")}
+    p = {name: i for i, name in enumerate(PROTOS)}
+    counts = Counts({}, {}, {},
+                    protos={(1, 0, p["DHCP"], 1): 3, (1, 1, p["DHCP"], 2): 1, (1, 0, p["ARP"], 0): 2,
+                            (2, 0, p["DHCP"], 1): 4, (2, 0, p["DHCP"], 0): 1, (3, 1, 99, 0): 1},
+                    calls={(1, 0): 5, (3, 4): 2},
+                    latency={(1, 2, 1, 20): 3, (1, 2, 1, 40): 1, (1, 2, 0, 20): 2})
+    protos, calls, latency = build_packets(counts, devices)
+    rows = {(r.dev, r.direction, r.label): r.packets for r in protos}
+    assert rows == {("tapweb", "rx", "DHCP DISCOVER"): 3, ("tapweb", "tx", "DHCP OFFER"): 1,
+                    ("tapweb", "rx", "ARP"): 2, ("tapdb", "rx", "DHCP DISCOVER"): 4, ("tapdb", "rx", "DHCP ?"): 1,
+                    ("br0", "tx", "#99"): 1}
+    assert [(c.dev, c.function, c.calls) for c in calls] == [("br0", "br_dev_xmit", 2), ("tapweb", "tun_get_user", 5)]
+    assert [(f.ingress, f.egress, f.start, f.latency.count) for f in latency] == [
+        ("tapweb", "tapdb", "netif_receive_skb", 2), ("tapweb", "tapdb", "tun_get_user", 4)]
+    assert latency[0].bridge == "br0"
+    assert dhcp_notes(protos, devices) == ["tapdb: 4 DHCPDISCOVER from the guest and no DHCPOFFER to it"]
+    snap = NetSnapshot(1.0, "a", [], [], [], [], 0, plan="kprobe", protocols=protos, calls=calls,
+                       forward_latency=latency)
+    titles = [t.title.split()[0] for t in snap.tables(10)]
+    assert titles == ["VMs", "devices", "protocols", "kprobe", "forward"]
 
 
 def test_ether_frame():

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmbpf.collectors.steal import (Culprit, StealSnapshot, VcpuSteal, VmSteal, label_culprit,
-                                     merge_culprits, runnable_state_mask, steal_pct)
+from kvmbpf.collectors.steal import (UNATTRIBUTED, Culprit, StealSnapshot, VcpuSteal, VmSteal,
+                                     label_culprit, merge_culprits, runnable_state_mask, steal_pct)
 from kvmbpf.hist import Histogram, slot_of
 from kvmbpf.inventory import VM, Thread
 from kvmbpf.snapshot import plain
@@ -54,6 +54,13 @@ def test_idle_and_gone_culprits():
     assert gone.pid is None and gone.label == f"short-lived[{2**22 - 3}]"
 
 
+def test_unattributed_time_is_its_own_culprit_and_merges():
+    c = label_culprit(UNATTRIBUTED, "", 4, _inventory_threads())
+    assert (c.tid, c.pid, c.vm, c.label) == (-1, None, None, "(unattributed)")
+    merged = merge_culprits([[c], [label_culprit(UNATTRIBUTED, "", 6, {})]])
+    assert [(m.label, m.wait_ns) for m in merged] == [("(unattributed)", 10)]
+
+
 def test_merge_sums_one_task_over_vcpus_biggest_first():
     a = [Culprit("hog", 9, 9, None, None, 10), Culprit("sh", 8, 8, None, None, 3)]
     b = [Culprit("hog", 9, 9, None, None, 5), Culprit("cc", 7, 7, None, None, 12)]
@@ -67,7 +74,7 @@ def test_snapshot_json_and_tables():
     hist.add(slot_of(2_000_000), 3)
     cul = [Culprit("hog", 9, 9, None, None, 6_000_000)]
     vcpu = VcpuSteal(0, 101, 3, 6_000_000, 0.6, hist, cul)
-    snap = StealSnapshot(1.0, [VmSteal("web", 100, 6_000_000, 0.6, [vcpu], cul)], 0, 1)
+    snap = StealSnapshot(1.0, [VmSteal("web", 100, 6_000_000, 0.6, [vcpu], cul)], 0, 1, 2)
     data = plain(snap)
     assert data["interval_s"] == 1.0 and "_metrics" not in data
     row = data["vms"][0]["vcpus"][0]
@@ -76,4 +83,6 @@ def test_snapshot_json_and_tables():
     assert vcpus.rows[0][:3] == ["web", "vcpu0", 3]
     assert culprits.rows[0][1] == "hog[9]" and culprits.rows[0][4] == "100"
     assert any("unseen start" in n for n in vcpus.notes)
+    assert any(n.startswith("2 waits with more waiting vCPUs") for n in vcpus.notes)
+    assert data["no_slot"] == 2
     assert "run-queue wait 6ms" in snap.headline()
