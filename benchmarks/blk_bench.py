@@ -1,18 +1,25 @@
-"""What `kvmbpf blk` costs the I/O it watches: fio IOPS on a loop device over a tmpfs file.
+"""What `kvmbpf blk` costs per block event, measured by the kernel itself.
 
-Modes, interleaved over ROUNDS rounds in one run (median IOPS per mode, ratios to untraced):
-  untraced   no probes
+fio (psync 4k randread) on a loop device over a /dev/shm file, with three tracers attached
+to the same tracepoints at once, so every one of them runs for exactly the same events:
   empty      bpftrace programs with empty bodies on the eight tracepoints kvmbpf blk uses
   bpftrace   a bpftrace queue -> complete latency histogram keyed like kvmbpf's (dev, sector)
   kvmbpf     kvmbpf blk --all --dev <loop>
-Run as root: .venv/bin/python benchmarks/blk_bench.py [seconds-per-run] [rounds]
+With BPF run-time statistics on (BPF_ENABLE_STATS: held by an fd, so no global setting is
+changed or left behind), the kernel sums each program's run time and run count; per
+tracepoint we report ns per event, and per request the sum over the tracepoints a request
+passes (each tracer's total run time / fio's requests).  Wall-clock throughput is not used:
+on a shared host single fio runs varied 30x.  The kernel's own per-event work (tracepoint
+record, program dispatch) is the same for every tracer and is not in these figures.
+Run as root: .venv/bin/python benchmarks/blk_bench.py [seconds]
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
-import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -20,50 +27,80 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from kvmbpf.bpf import bpf_syscall  # noqa: E402
+
 EVENTS = ("block_bio_queue", "block_bio_backmerge", "block_bio_frontmerge", "block_bio_remap",
           "block_rq_merge", "block_rq_issue", "block_rq_requeue", "block_rq_complete")
+BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
+MODES = ("empty", "bpftrace", "kvmbpf")
 
 
-def fio_iops(device: str, seconds: float) -> float:
+def enable_stats() -> int:
+    """An fd that keeps run-time statistics on until closed (Linux 5.8+)."""
+    fd = bpf_syscall(BPF_ENABLE_STATS, ctypes.create_string_buffer(struct.pack("I", BPF_STATS_RUN_TIME)))
+    if fd < 0:
+        raise SystemExit(f"BPF_ENABLE_STATS failed: {os.strerror(-fd)}")
+    return fd
+
+
+def programs() -> dict[int, dict]:
+    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True,
+                         check=True).stdout
+    return {p["id"]: p for p in json.loads(out)}
+
+
+def event_of(prog_name: str) -> str | None:
+    """bcc names programs tracepoint__block__<event>, bpftrace <event> (15 characters)."""
+    name = prog_name.removeprefix("tracepoint__block__")
+    return next((e for e in EVENTS if e[:15] == name[:15]), None)
+
+
+def fio(device: str, seconds: float) -> int:
     out = subprocess.run(["fio", "--name=bench", f"--filename={device}", "--direct=1",
                           "--rw=randread", "--ioengine=psync", "--bs=4k", "--size=64M",
                           f"--runtime={seconds}", "--time_based", "--output-format=json"],
                          capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{"):])["jobs"][0]["read"]["iops"]
+    return json.loads(out[out.index("{"):])["jobs"][0]["read"]["total_ios"]
 
 
-def bpftrace_script(mode: str, dev: int) -> str:
-    if mode == "empty":
-        return ",".join(f"tracepoint:block:{e}" for e in EVENTS) + " { }"
-    return (f"tracepoint:block:block_bio_queue /args->dev == {dev}/ "
-            "{ @q[args->dev, args->sector] = nsecs; }\n"
-            "tracepoint:block:block_rq_complete { $t = @q[args->dev, args->sector]; "
-            "if ($t) { @lat = hist(nsecs - $t); delete(@q[args->dev, args->sector]); } }\n"
-            "END { clear(@q); clear(@lat); }")
+PROGRAMS = {"empty": len(EVENTS), "bpftrace": 2, "kvmbpf": len(EVENTS)}
 
 
-def start_tracer(mode: str, device: str, dev: int) -> subprocess.Popen | None:
-    """Start a tracer and wait until its probes are attached."""
-    if mode == "untraced":
-        return None
+def tracer_command(mode: str, device: str, dev: int) -> tuple[list[str], str]:
     if mode == "kvmbpf":
-        cmd = [sys.executable, "-m", "kvmbpf", "blk", "--all", "--dev", device, "--json", "1"]
-        ready = "{"
+        return [sys.executable, "-m", "kvmbpf", "blk", "--all", "--dev", device, "--json", "1"], "{"
+    if mode == "empty":
+        script = ",".join(f"tracepoint:block:{e}" for e in EVENTS) + " { }"
     else:
-        cmd = ["bpftrace", "-e", bpftrace_script(mode, dev)]
-        ready = "Attaching"
-    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+        script = (f"tracepoint:block:block_bio_queue /args->dev == {dev}/ "
+                  "{ @q[args->dev, args->sector] = nsecs; }\n"
+                  "tracepoint:block:block_rq_complete { $t = @q[args->dev, args->sector]; "
+                  "if ($t) { @lat = hist(nsecs - $t); delete(@q[args->dev, args->sector]); } }\n"
+                  "END { clear(@q); clear(@lat); }")
+    return ["bpftrace", "-e", script], "Attaching"
+
+
+def start(mode: str, device: str, dev: int) -> tuple[subprocess.Popen, set[int]]:
+    """Start a tracer, wait until attached; its programs are the block programs that appeared
+    (bpftrace prints its banner before it loads them: wait for all of them)."""
+    before = set(programs())
+    cmd, ready = tracer_command(mode, device, dev)
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = proc.stdout.readline()
     if not line.startswith(ready):
         proc.kill()
         raise SystemExit(f"{mode}: tracer did not start ({line!r})")
-    return proc
+    for _ in range(100):
+        ids = {i for i, p in programs().items() if i not in before and event_of(p.get("name", ""))}
+        if len(ids) == PROGRAMS[mode]:
+            return proc, ids
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"{mode}: {len(ids)} block programs appeared, not {PROGRAMS[mode]}")
 
 
-def stop_tracer(proc: subprocess.Popen | None) -> None:
-    if proc is None:
-        return
+def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     try:
         proc.communicate(timeout=30)
@@ -72,10 +109,29 @@ def stop_tracer(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
+def report(stats: dict[str, dict[str, tuple[int, int]]], requests: int, seconds: float) -> None:
+    """stats: mode -> event -> (run_time_ns, run_cnt)."""
+    print(f"fio psync 4k randread, loop device over tmpfs, {seconds:g}s: {requests} requests; "
+          "all tracers attached at once")
+    print(f"{'tracepoint':22}" + "".join(f"{m + ' ns/ev':>16}" for m in MODES) + f"{'events':>10}")
+    for event in EVENTS:
+        cells = [stats[m].get(event) for m in MODES]
+        if not any(c and c[1] for c in cells):
+            continue
+        runs = max(c[1] for c in cells if c)
+        print(f"{event:22}" + "".join(f"{c[0] / c[1]:16.1f}" if c and c[1] else f"{'-':>16}"
+                                      for c in cells) + f"{runs:10}")
+    per_req = {m: sum(t for t, _ in stats[m].values()) / requests for m in MODES}
+    print(f"{'per request (ns)':22}" + "".join(f"{per_req[m]:16.1f}" for m in MODES))
+    for m in ("bpftrace", "kvmbpf"):
+        print(f"{m} / empty = {per_req[m] / per_req['empty']:.2f}")
+    print(f"kvmbpf / bpftrace = {per_req['kvmbpf'] / per_req['bpftrace']:.2f}")
+
+
 def main() -> None:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 5
-    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    modes = ("untraced", "empty", "bpftrace", "kvmbpf")
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10
+    stats_fd = enable_stats()
+    tracers: list[subprocess.Popen] = []
     with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvmbpf-blkbench-") as backing:
         backing.truncate(64 << 20)
         device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", backing.name],
@@ -83,24 +139,22 @@ def main() -> None:
         try:
             st = os.stat(device)
             dev = (os.major(st.st_rdev) << 20) | os.minor(st.st_rdev)
-            results: dict[str, list[float]] = {m: [] for m in modes}
-            for _ in range(rounds):
-                for mode in modes:
-                    tracer = start_tracer(mode, device, dev)
-                    try:
-                        results[mode].append(fio_iops(device, seconds))
-                    finally:
-                        stop_tracer(tracer)
-                    time.sleep(0.5)
+            owned: dict[str, set[int]] = {}
+            for mode in MODES:
+                proc, owned[mode] = start(mode, device, dev)
+                tracers.append(proc)
+            before = programs()
+            requests = fio(device, seconds)
+            after = programs()
         finally:
+            for proc in tracers:
+                stop(proc)
             subprocess.run(["losetup", "-d", device], check=False)
-    base = statistics.median(results["untraced"])
-    print(f"fio psync 4k randread, loop device over tmpfs, {rounds} x {seconds:g}s per mode")
-    print(f"{'mode':10} {'median IOPS':>12} {'ratio':>7}  runs")
-    for mode in modes:
-        med = statistics.median(results[mode])
-        runs = " ".join(f"{v:.0f}" for v in results[mode])
-        print(f"{mode:10} {med:12.0f} {med / base:7.3f}  {runs}")
+            os.close(stats_fd)
+    stats = {m: {event_of(after[i]["name"]): (
+        after[i].get("run_time_ns", 0) - before[i].get("run_time_ns", 0),
+        after[i].get("run_cnt", 0) - before[i].get("run_cnt", 0)) for i in ids} for m, ids in owned.items()}
+    report(stats, requests, seconds)
 
 
 if __name__ == "__main__":

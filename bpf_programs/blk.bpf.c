@@ -5,6 +5,11 @@
  * softirq: so attribute at block_bio_queue (submitter's context) and carry the
  * VM in a shared start map keyed by (dev, sector) — the only request identity
  * the tracepoints give — that the completion finds on whatever CPU it runs.
+ * Not every bio of a VM is queued by one of its threads: blk-throttle (a cgroup I/O
+ * limit) holds bios back and a kworker queues them later, so a device that exactly one
+ * VM has open (vm_devs, from the inventory) is attributed by device, whoever queues.
+ * block_bio_queue fires after blk-throttle released the bio: the time a cgroup limit
+ * held it is in neither latency (no tracepoint sees the bio before that).
  *
  * Parameters (-D, integers):
  *   ALL_IO      1: every process's I/O (VMs labelled, the rest as tgid 0)
@@ -87,6 +92,7 @@ struct count_key {
 KVMBPF_FILTER_MAPS
 KVMBPF_OVERFLOW_MAP
 BPF_HASH(traced_devs, u32, u32, 1024);
+BPF_HASH(vm_devs, u32, u32, 1024);      /* dev_t -> pid of the one VM that has it open */
 BPF_HASH(start, struct req_key, struct req_val, MAX_REQS);
 BPF_HASH(inflight, u32, s64, 1024);
 BPF_PERCPU_HASH(hists, struct hist_key, u64, 32768);
@@ -143,6 +149,18 @@ static __always_inline s64 submitter_vm(void)
     return ALL_IO ? 0 : -1;
 }
 
+/* The VM a bio queued on `dev` belongs to: the device's VM if one VM owns it, else the
+ * queueing thread's (submitter_vm); -1 (drop) for an untraced device. */
+static __always_inline s64 bio_vm(u32 dev)
+{
+    if (!dev_traced(dev))
+        return -1;
+    u32 *owner = vm_devs.lookup(&dev);
+    if (owner)
+        return *owner;
+    return submitter_vm();
+}
+
 static __always_inline void count(u32 tgid, u32 dev, u8 op, u8 what, u64 n)
 {
     struct count_key k = {};
@@ -190,8 +208,8 @@ static __always_inline void inflight_add(u32 dev, s64 delta, s64 *after)
 
 TRACEPOINT_PROBE(block, block_bio_queue)
 {
-    s64 vm = submitter_vm();
-    if (vm < 0 || !dev_traced(args->dev))
+    s64 vm = bio_vm(args->dev);
+    if (vm < 0)
         return 0;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
     struct req_val v = {};
@@ -205,8 +223,8 @@ TRACEPOINT_PROBE(block, block_bio_queue)
 /* A bio appended to a request already queued: it completes as part of that request. */
 TRACEPOINT_PROBE(block, block_bio_backmerge)
 {
-    s64 vm = submitter_vm();
-    if (vm < 0 || !dev_traced(args->dev))
+    s64 vm = bio_vm(args->dev);
+    if (vm < 0)
         return 0;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
     start.delete(&k);
@@ -218,8 +236,8 @@ TRACEPOINT_PROBE(block, block_bio_backmerge)
  * sector; it keeps the older request's start time. */
 TRACEPOINT_PROBE(block, block_bio_frontmerge)
 {
-    s64 vm = submitter_vm();
-    if (vm < 0 || !dev_traced(args->dev))
+    s64 vm = bio_vm(args->dev);
+    if (vm < 0)
         return 0;
     struct req_key old = req_key_of(args->dev, args->sector + args->nr_sector, args->nr_sector);
     struct req_val *v = start.lookup(&old);

@@ -1,6 +1,8 @@
 /* exits.bpf.c — VM exits per VM/vCPU: hardware exit reasons with handling latency
  * (kvm_exit -> kvm_entry), exits to the VMM with the time the VMM took before
- * re-entering KVM_RUN, and the PIO ports / MMIO addresses the guest touched.
+ * re-entering KVM_RUN, the PIO ports / MMIO addresses the guest touched, and the
+ * instructions KVM emulated (kvm_emulate_insn: on hosts where real-mode code and
+ * CR writes never reach kvm_exit, e.g. PVM, this is where they show).
  *
  * Every event fires in a vCPU thread, whose tgid is the VMM: traced_tgids is
  * checked first.  With FILTER_TIDS=1 (--vcpu) the thread must also be in
@@ -77,6 +79,18 @@ struct mmio_key {
     u64 gpa;
 };
 
+/* insn: the instruction's first bytes, byte 0 in the low 8 bits, bytes past len zeroed
+ * (the tracepoint copies the whole fetch buffer).  mode: the event's flags (real, prot16...).
+ * failed: 1 for the extra event KVM emits when it could not emulate the instruction. */
+struct emul_key {
+    u32 tgid;
+    u32 tid;
+    u32 insn;
+    u32 len;
+    u32 mode;
+    u32 failed;
+};
+
 BPF_PERCPU_HASH(exit_counts, struct exit_key, u64, 8192);
 BPF_PERCPU_HASH(exit_lat, struct exit_hkey, u64, 32768);
 BPF_HASH(exit_start, u32, struct exit_start_t, 16384);
@@ -85,6 +99,7 @@ BPF_PERCPU_HASH(vmm_lat, struct uexit_hkey, u64, 32768);
 BPF_HASH(uexit_start, u32, struct uexit_start_t, 16384);
 BPF_PERCPU_HASH(pio_counts, struct pio_key, u64, 8192);
 BPF_PERCPU_HASH(mmio_counts, struct mmio_key, u64, 8192);
+BPF_PERCPU_HASH(emul_counts, struct emul_key, u64, 16384);
 
 static __always_inline void count_overflow(void)
 {
@@ -202,5 +217,23 @@ TRACEPOINT_PROBE(kvm, kvm_mmio)
     struct mmio_key k = {.tgid = tgid, .type = args->type, .gpa = args->gpa};
     u64 zero = 0;
     bump(mmio_counts.lookup_or_try_init(&k, &zero));
+    return 0;
+}
+
+/* Hot on real-mode guests (one event per instruction): one filter lookup, one per-CPU update. */
+TRACEPOINT_PROBE(kvm, kvm_emulate_insn)
+{
+    u32 tgid = traced_vm();
+    if (!tgid)
+        return 0;
+    u32 len = args->len;
+    u32 insn = args->insn[0] | (u32)args->insn[1] << 8 | (u32)args->insn[2] << 16 |
+               (u32)args->insn[3] << 24;
+    if (len < 4)
+        insn &= (1U << (len * 8)) - 1;
+    struct emul_key k = {.tgid = tgid, .tid = current_tid(), .insn = insn, .len = len,
+                         .mode = args->flags, .failed = args->failed};
+    u64 zero = 0;
+    bump(emul_counts.lookup_or_try_init(&k, &zero));
     return 0;
 }

@@ -45,22 +45,8 @@ static __always_inline u32 current_tid(void)
     return (u32)bpf_get_current_pid_tgid();
 }
 
-/* Add v to the per-CPU histogram `map` (a BPF_PERCPU_HASH keyed by a struct with
- * a `slot` member), with key `k` (a local struct variable). */
-#define HIST_ADD(map, k, v)                         \
-    do {                                            \
-        (k).slot = hist_slot(v);                    \
-        u64 __zero = 0, *__c = map.lookup_or_try_init(&(k), &__zero); \
-        if (__c)                                    \
-            (*__c)++;                               \
-    } while (0)
-
-/* Increment a per-CPU counter map by n. */
-#define COUNT_ADD(map, k, n)                        \
-    do {                                            \
-        u64 __zero = 0, *__c = map.lookup_or_try_init(&(k), &__zero); \
-        if (__c)                                    \
-            (*__c) += (n);                          \
-    } while (0)
+/* No map-method helpers here: bcc rewrites `map.lookup(...)` only in the program's own
+ * file, never inside a macro or an included header, so each program spells out its
+ * few map calls (and its overflow counting) itself. */
 
 #endif

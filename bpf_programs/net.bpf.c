@@ -28,6 +28,9 @@
  * at BTF offsets (SKB_DEV_OFF, NETDEV_NAME_OFF).
  */
 #include "kvmbpf.h"
+#ifdef DEEP_PROBES
+#include <uapi/linux/ptrace.h>      /* struct pt_regs (kprobes): a stable user ABI layout */
+#endif
 
 #ifndef SEEN_MAX
 #define SEEN_MAX 16384

@@ -278,7 +278,8 @@ static __always_inline void end_wait(struct cpu_state *c, u32 cpu, u32 next, u32
 
     u64 zero = 0;
     struct wait_key wk = {.tgid = tgid, .tid = next, .slot = hist_slot(delta)};
-    u64 *n = waits.lookup_or_try_init(&wk, &zero);   /* (HIST_ADD: bcc refuses map calls in macros) */
+    /* (not HIST_ADD: bcc refuses map calls in macros) */
+    u64 *n = waits.lookup_or_try_init(&wk, &zero);
     if (n)
         (*n)++;
     else

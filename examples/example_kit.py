@@ -15,11 +15,11 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Optional
 
 from kvmbpf.lab.lab import Lab
 
-Around = Callable[[Any], ContextManager] | None
+Around = Optional[Callable[[Any], ContextManager]]
 
 
 @dataclass

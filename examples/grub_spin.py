@@ -2,15 +2,15 @@
 """"100 % CPU while sitting at the GRUB menu": a guest that exits far too often.
 
 A boot loader waiting at its menu can switch between real and protected mode as fast as it
-can (each switch: two CR0 writes) and poll a device port in between.  The lab guest does
-exactly that: per round 20,000 mode switches and 20,000 writes to port 0x700, forever.
+can (each round trip: two CR0 writes).  The lab guest does exactly that ("modeswitch"
+workload): rounds of 20,000 round trips, forever, nothing else.
 
-`kvmbpf exits` flags any exit reason, port or address above 10,000/s on one VM:
-  - on a VMX/SVM host, kvm_exit shows the CR0 writes themselves (CR_ACCESS / write_cr0)
-    and the port writes (IO_INSTRUCTION / io);
-  - on a PVM host (no kvm_exit) the CR0 writes are emulated inside KVM and reach no
-    tracepoint kvmbpf exits reads, but the port writes do: every one is a kvm_pio event and
-    an exit to QEMU (KVM_EXIT_IO), flagged in the `pio` and `userspace` views.
+`kvmbpf exits` flags any exit reason, port, address or emulated instruction above 10,000/s
+on one VM:
+  - on a VMX/SVM host, kvm_exit shows the CR0 writes themselves (CR_ACCESS / write_cr0);
+  - on a PVM host (no kvm_exit) KVM emulates the guest's real-mode code instruction by
+    instruction: the CR0 writes show in the emulated-instructions view as `0f 22 c0`
+    (`mov cr0, eax`, hint "mov to cr0"), once in real and once in 16-bit protected mode.
 
 Run as root: .venv/bin/python examples/grub_spin.py
 """
@@ -23,10 +23,8 @@ from example_kit import Around, Diagnosis, around_command, kvmbpf_json, main, ne
 from kvmbpf.lab.lab import WORKLOADS
 from kvmbpf.lab.vm import LabVM
 
-PORT = 0x700
-PIO_COUNT = 20_000
-#: The "modeswitch" lab workload, plus a port polled each round (visible on every host).
-PARAMS = {**WORKLOADS["modeswitch"][1], "PIO_PORT": PORT, "PIO_COUNT": PIO_COUNT}
+PARAMS = WORKLOADS["modeswitch"][1]
+CR0_COUNT = PARAMS["CR0_COUNT"]        # round trips per round: 2 CR0 writes each
 SERIAL_PORT = 0x3F8
 ALERT_RATE = 10_000.0
 SECONDS = 4
@@ -36,6 +34,7 @@ WHY = {
     "userspace": "each one is a round trip from the vCPU to QEMU",
     "pio": "the guest writes this I/O port",
     "mmio": "the guest touches this device address",
+    "emulated": "KVM emulates this guest instruction in the kernel, one at a time",
 }
 
 
@@ -47,7 +46,7 @@ class Scenario:
 def run(around: Around = None) -> Diagnosis:
     with new_lab() as lab:
         name = vm_name("grub")
-        say(f"starting lab guest {name}: mode switches and port 0x{PORT:x} writes, forever")
+        say(f"starting lab guest {name}: real <-> protected mode switches, forever")
         vm = lab.start_vm(name, "exits", PARAMS)
         vm.wait_for("end")
         with around_command(around, Scenario(vm)):
@@ -66,28 +65,30 @@ def diagnose(snap: dict, name: str) -> Diagnosis:
         "vm": name, "interval_s": snap["interval_s"], "alert_rate": snap["alert_rate"],
         "kvm_exit": snap["kvm_exit"],
         "alerts": [f"{a['view']}: {a['what']} {a['rate']:.0f}/s" for a in alerts],
-        "port_0x700_writes": port_count(snap, PORT),
         "serial_bytes": port_count(snap, SERIAL_PORT),
         "cr0_exits": sum(r["count"] for r in snap["exits"] if "CR" in r["reason"].upper()),
+        "cr0_writes_emulated": sum(r["count"] for r in snap["emulated_insns"]
+                                   if r["vm"] == name and r["hint"] == "mov to cr0"),
+        "emulated": sum(r["count"] for r in snap["emulated"] if r["vm"] == name),
     }
     if not alerts:
         return Diagnosis(False, f"no reason, port or address of {name} above "
                                 f"{ALERT_RATE:g}/s in {snap['interval_s']:.1f}s", evidence)
     top = alerts[0]
     evidence["flagged"] = top
-    lines = [f"{name} exits {top['rate']:.0f} times a second for one thing: {top['view']} "
+    lines = [f"{name} makes KVM do one thing {top['rate']:.0f} times a second: {top['view']} "
              f"'{top['what']}' ({WHY[top['view']]}), above the {ALERT_RATE:g}/s flag."]
     if snap["kvm_exit"] == "seen":
         lines.append(f"kvm_exit is traced here: {evidence['cr0_exits']} of the exits are CR "
                      "accesses, the mode switches themselves.")
     else:
-        lines.append("This host emits no kvm_exit (PVM): the CR0 writes of the mode switches are "
-                     "emulated inside KVM and do not show, but the port writes between them do, "
-                     f"{evidence['port_0x700_writes']} to port 0x{PORT:x} in "
-                     f"{snap['interval_s']:.1f}s, each a trip to QEMU.")
-    lines.append("A guest idling at a menu should exit a few hundred times a second: this one "
-                 "keeps a host CPU busy doing nothing useful (fix it in the guest: GRUB's "
-                 "terminal/timeout settings, or a boot loader that halts while it waits).")
+        lines.append("This host emits no kvm_exit (PVM): KVM emulates the guest's real-mode code "
+                     f"instruction by instruction, {evidence['emulated']} instructions in "
+                     f"{snap['interval_s']:.1f}s, {evidence['cr0_writes_emulated']} of them CR0 "
+                     "writes (mov to cr0): the mode switches themselves.")
+    lines.append("A guest waiting for a key press should halt between timer interrupts and "
+                 "exit rarely: this one keeps a host CPU busy doing nothing useful (fix it in the "
+                 "guest: GRUB's timeout, or a boot loader that halts while it waits).")
     return Diagnosis(True, " ".join(lines), evidence)
 
 

@@ -65,3 +65,14 @@ def latency_cells(hist: Histogram) -> list[str]:
 
 
 LATENCY_COLUMNS = ["p50", "p90", "p99", "p99.9", "max"]
+
+
+def loss_notes(overflow: int, missed: int) -> list[str]:
+    """The footnotes every collector shows for events it could not count (never silent)."""
+    notes = []
+    if overflow:
+        notes.append(f"{overflow} events not recorded since start: a bounded map was full")
+    if missed:
+        notes.append(f"{missed} events missed this interval: the kernel skipped our programs while "
+                     "another BPF program ran on that CPU; counts may be short by as many")
+    return notes

@@ -93,12 +93,28 @@ _PAIR_RE = re.compile(r'\{\s*([^,{}]+?)\s*,\s*((?:"[^"]*"\s*)+)\}')
 def _eval_key(expr: str) -> int | None:
     """Evaluate a table key such as `0x040 + 13`, `-1` or `KVM_EXIT_IO` (None if symbolic)."""
     expr = expr.strip()
+    if "|" in expr or "<<" in expr:
+        return _eval_bits(expr)
     if not re.fullmatch(r"[0-9a-fA-FxX+\-\s()]+", expr):
         return None
     total = 0
     for sign, term in re.findall(r"([+-]?)\s*(0[xX][0-9a-fA-F]+|\d+)", expr):
         value = int(term, 0)
         total += -value if sign == "-" else value
+    return total
+
+
+_BIT_TERM_RE = re.compile(r"\(?\s*(0[xX][0-9a-fA-F]+|\d+)\s*(?:<<\s*(\d+))?\s*\)?")
+
+
+def _eval_bits(expr: str) -> int | None:
+    """A key such as `(1 << 0) | (1 << 2)` (kvm_emulate_insn's CPU modes); None if not that shape."""
+    total = 0
+    for term in expr.split("|"):
+        m = _BIT_TERM_RE.fullmatch(term.strip())
+        if m is None:
+            return None
+        total |= int(m.group(1), 0) << int(m.group(2) or 0)
     return total
 
 

@@ -129,5 +129,10 @@ class BaseCollector:
         """Events lost because a bounded map was full (shown, never silent)."""
         return sum(self.program.read("overflow").values())
 
+    def missed(self) -> int:
+        """Events the kernel kept from our programs this interval (its recursion guard:
+        another BPF program was running on that CPU).  Shown, never silent."""
+        return self.interval.counts("missed", {(): self.program.missed_events()}).get((), 0)
+
     def close(self) -> None:
         self.program.close()

@@ -1,15 +1,21 @@
 """Blk: block request latency, size, in-flight depth, merges, errors and requeues per VM and device.
 
-Requests are attributed to a VM when they are queued (block_bio_queue runs in
-the submitting VMM thread); the BPF side carries the VM to the completion.
+Requests are attributed to a VM when they are queued: by device when exactly
+one VM has that block device open (blk-throttle's held-back bios are queued by
+a kworker, not by the VM), else by the queueing thread's process (the VMM's
+threads); the BPF side carries the VM to the completion.
 Two latencies per request: queue -> complete (what the VM waited for on the
 host) and issue -> complete (the device alone).  Maps hold cumulative
 histograms and counters keyed (vm pid, dev_t, operation); this side turns them
-into per-interval deltas with VM and device names.
+into per-interval deltas with VM and device names.  block_bio_queue fires after
+a cgroup I/O limit (blk-throttle) released the bio, so time spent held back by
+such a limit is in neither latency.
 """
 from __future__ import annotations
 
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +23,7 @@ from typing import Callable
 
 from ..errors import KvmbpfError
 from ..hist import Histogram
-from ..inventory import block_device_name, kernel_dev
+from ..inventory import VM, block_device_name, kernel_dev
 from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
 from .base import BaseCollector, Scope, histograms
 
@@ -60,6 +66,30 @@ def split_dev(dev: int) -> tuple[int, int]:
 
 def device_label(dev: int) -> str:
     return block_device_name(*split_dev(dev))
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def vm_devices(scoped: list[VM], every_vm: list[VM],
+               is_block: Callable[[str], bool] = is_block_device) -> dict[int, int]:
+    """vm_devs content, dev_t -> VM pid: block devices that exactly one VM on the host has
+    open and that hold no VM's image file (such a device, e.g. the host's own disk, carries
+    other processes' I/O too), for the VMs in scope."""
+    owners: dict[int, set[int]] = {}
+    shared: set[int] = set()
+    for vm in every_vm:
+        for disk in vm.disks:
+            owners.setdefault(disk.dev, set()).add(vm.pid)
+            if not is_block(disk.path):
+                shared.add(disk.dev)
+    in_scope = {vm.pid for vm in scoped}
+    return {dev: next(iter(pids)) for dev, pids in owners.items()
+            if len(pids) == 1 and dev not in shared and pids <= in_scope}
 
 
 def _read(path: Path) -> str:
@@ -107,6 +137,7 @@ class BlkSnapshot:
     ops: list[OpStats]
     devices: list[DeviceStats]
     overflow: int                  # requests not tracked since start (start map full)
+    missed: int                    # events the kernel kept from the programs this interval
     expired: int                   # tracked requests dropped since start: no completion in 30 s
     _metrics: list[Metric] = field(default_factory=list)
 
@@ -124,6 +155,9 @@ class BlkSnapshot:
             notes.append(f"{self.overflow} requests not tracked (start map full)")
         if self.expired:
             notes.append(f"{self.expired} requests dropped without completion after 30 s")
+        if self.missed:
+            notes.append(f"{self.missed} block events missed (another BPF program was running "
+                         "on that CPU): counts may be short by as many")
         ops = sorted(self.ops, key=lambda o: -o.requests)[:top]
         lead = ["vm", "device", "op", "reqs", "KiB"]
 
@@ -227,6 +261,10 @@ class BlkCollector(BaseCollector):
                                  "MAX_REQS": MAX_REQS})
         self.program.fill("traced_devs", self.devs)
 
+    def update_filters(self) -> None:
+        super().update_filters()
+        self.program.fill("vm_devs", vm_devices(self.scope.vms, self.scope.inv.vms))
+
     def vm_name(self, tgid: int) -> str:
         return HOST if tgid == 0 else self.scope.vm_name(tgid)
 
@@ -239,7 +277,13 @@ class BlkCollector(BaseCollector):
         cumulative = self.interval.last_counts
         metrics = op_metrics(*build_stats(cumulative.get("hists", {}), cumulative.get("counts", {}),
                                           self.vm_name, device_label))
-        return BlkSnapshot(round(elapsed, 6), ops, devices, self.overflow(), self.expired, metrics)
+        missed = self.missed()
+        metrics.append(Metric("kvmbpf_blk_missed_events_total", "counter",
+                              "Block tracepoint events the kernel did not run kvmbpf's programs for "
+                              "(another BPF program was running on that CPU)", {},
+                              self.interval.last_counts["missed"][()]))
+        return BlkSnapshot(round(elapsed, 6), ops, devices, self.overflow(), missed, self.expired,
+                           metrics)
 
     def expire(self) -> None:
         """Drop start entries older than STALE_NS (bio-based devices, lost completions),

@@ -1,11 +1,14 @@
 """Exits: why each vCPU leaves the guest, how long that costs, and what the VMM does.
 
-Four views from one BPF program (bpf_programs/exits.bpf.c), all keyed by VM:
+Five views from one BPF program (bpf_programs/exits.bpf.c), all keyed by VM:
   - hardware exit reasons (kvm:kvm_exit) per vCPU, with the time until the next
     kvm:kvm_entry on the same thread (handling latency; idle time for HLT-like exits);
   - exits to the VMM (kvm:kvm_userspace_exit) per vCPU thread by KVM_EXIT_* name,
     with the time the VMM took until that thread called ioctl(KVM_RUN) again;
-  - PIO ports and MMIO addresses the guest touched (kvm:kvm_pio, kvm:kvm_mmio).
+  - PIO ports and MMIO addresses the guest touched (kvm:kvm_pio, kvm:kvm_mmio);
+  - instructions KVM emulated (kvm:kvm_emulate_insn) per vCPU, and the busiest ones per VM
+    by their first bytes.  Where kvm_exit never fires (PVM), CR0 writes and real-mode code
+    show only here: a guest flipping between real and protected mode is an emulation storm.
 Names come from the running kernel's tracepoint formats, never from a built-in table.
 """
 from __future__ import annotations
@@ -25,6 +28,20 @@ IDLE_REASONS = frozenset({"HLT", "MWAIT_INSTRUCTION", "hlt", "mwait", "idle-halt
 EINTR = 4
 DEFAULT_ALERT_RATE = 10_000.0
 PVM_MODULE = "/sys/module/kvm_pvm"
+#: Bytes an instruction key keeps (bpf_programs/exits.bpf.c: struct emul_key.insn).
+INSN_KEY_BYTES = 4
+#: Emulated-instruction rows kept per VM and interval (busiest first): a real-mode guest (SeaBIOS)
+#: emulates hundreds of distinct instructions, and a JSON line holding all of them is ~40 KB.
+INSN_ROWS = 32
+#: A mnemonic hint for a few encodings that explain emulation storms.  Only a hint: legacy
+#: prefixes are skipped and the opcode looked up, nothing else is decoded.
+PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3})
+ONE_BYTE_HINTS = {0xE4: "in", 0xE5: "in", 0xEC: "in", 0xED: "in",
+                  0xE6: "out", 0xE7: "out", 0xEE: "out", 0xEF: "out",
+                  0x6C: "ins", 0x6D: "ins", 0x6E: "outs", 0x6F: "outs",
+                  0xF4: "hlt", 0xFA: "cli", 0xFB: "sti", 0xCD: "int", 0xCF: "iret"}
+TWO_BYTE_HINTS = {0x20: "mov from cr", 0x22: "mov to cr", 0xA2: "cpuid", 0x30: "wrmsr",
+                  0x32: "rdmsr"}
 
 
 @dataclass(frozen=True)
@@ -35,16 +52,19 @@ class ReasonNames:
     vmx_flags: dict[int, str]
     userspace: dict[int, str]
     mmio: dict[int, str]
+    modes: dict[int, str]         # kvm_emulate_insn flags: real, prot16, ...
 
     @classmethod
-    def from_print_fmts(cls, exit_fmt: str, userspace_fmt: str, mmio_fmt: str) -> "ReasonNames":
+    def from_print_fmts(cls, exit_fmt: str, userspace_fmt: str, mmio_fmt: str,
+                        emulate_fmt: str = "") -> "ReasonNames":
         tables = tracefs.symbolic_tables(exit_fmt) + [{}, {}]
         flags = (tracefs.symbolic_tables(exit_fmt, "__print_flags") or [{}])[0]
         users = (tracefs.symbolic_tables(userspace_fmt) or [{}])[0]
         mmio = (tracefs.symbolic_tables(mmio_fmt) or [{}])[0]
+        modes = (tracefs.symbolic_tables(emulate_fmt) or [{}])[0]
         # SVM's table writes 0xffffffff as -1; the BPF key is the u32.
         svm = {code & 0xFFFFFFFF: name for code, name in tables[1].items()}
-        return cls(tables[0], svm, flags, users, mmio)
+        return cls(tables[0], svm, flags, users, mmio, modes)
 
     @classmethod
     def from_kernel(cls) -> "ReasonNames":
@@ -52,7 +72,8 @@ class ReasonNames:
             if not tracefs.tracepoint_exists("kvm", name):
                 return ""
             return tracefs.read_format("kvm", name).print_fmt
-        return cls.from_print_fmts(fmt("kvm_exit"), fmt("kvm_userspace_exit"), fmt("kvm_mmio"))
+        return cls.from_print_fmts(fmt("kvm_exit"), fmt("kvm_userspace_exit"), fmt("kvm_mmio"),
+                                   fmt("kvm_emulate_insn"))
 
     def exit_reason(self, isa: int, code: int) -> tuple[str, list[str]]:
         """(name, flag names) of a kvm_exit reason; a code without a name stays a number."""
@@ -75,6 +96,35 @@ class ReasonNames:
 
     def mmio_access(self, kind: int) -> str:
         return self.mmio.get(kind, str(kind))
+
+    def cpu_mode(self, flags: int) -> str:
+        return self.modes.get(flags, hex(flags))
+
+
+def insn_bytes(insn: int, length: int) -> bytes:
+    """The known first bytes of an instruction key (byte 0 in the low bits of `insn`)."""
+    return insn.to_bytes(INSN_KEY_BYTES, "little")[:min(length, INSN_KEY_BYTES)]
+
+
+def insn_text(insn: int, length: int) -> str:
+    """'0f 22 c0'; ' ..' marks bytes the key did not keep."""
+    shown = " ".join(f"{b:02x}" for b in insn_bytes(insn, length))
+    return shown + (" .." if length > INSN_KEY_BYTES else "")
+
+
+def insn_hint(data: bytes) -> str:
+    """'mov to cr0', 'out', 'cpuid'... for a few encodings, else '' (a hint, not a decoder)."""
+    rest = bytes(data)
+    while rest and rest[0] in PREFIXES:
+        rest = rest[1:]
+    if not rest:
+        return ""
+    if rest[0] != 0x0F:
+        return ONE_BYTE_HINTS.get(rest[0], "")
+    name = TWO_BYTE_HINTS.get(rest[1], "") if len(rest) > 1 else ""
+    if name.endswith(" cr") and len(rest) > 2:
+        name += str((rest[2] >> 3) & 7)          # ModRM.reg: the control register
+    return name
 
 
 @dataclass
@@ -137,11 +187,41 @@ class MmioRow:
 
 
 @dataclass
+class EmulatedRow:
+    """Instructions KVM emulated for one vCPU thread (kvm_emulate_insn)."""
+    vm: str
+    pid: int
+    vcpu: int | None
+    tid: int
+    count: int               # instructions KVM set out to emulate
+    failed: int              # of those, the ones it could not emulate (an extra event each)
+    rate: float              # count per second
+
+
+@dataclass
+class InsnRow:
+    """One emulated instruction encoding on one VM, every vCPU merged."""
+    vm: str
+    pid: int
+    insn: str                # first bytes in hex, e.g. "0f 22 c0"
+    length: int              # the instruction's length in bytes
+    mode: str                # CPU mode KVM emulated it in: real, prot16, prot32, ...
+    hint: str                # mnemonic hint ("mov to cr0", "out"); "" when not in the table
+    count: int
+    failed: int
+    rate: float
+
+    @property
+    def what(self) -> str:
+        return f"{self.insn} {self.hint}".strip()
+
+
+@dataclass
 class Alert:
     """One reason/port/address on one VM above --alert-rate events per second."""
     vm: str
     pid: int
-    view: str                # "exit" | "userspace" | "pio" | "mmio"
+    view: str                # "exit" | "userspace" | "pio" | "mmio" | "emulated"
     what: str
     rate: float
 
@@ -153,6 +233,8 @@ class Views:
     userspace: list[UserspaceRow]
     pio: list[PioRow]
     mmio: list[MmioRow]
+    emulated: list[EmulatedRow]
+    insns: list[InsnRow]
 
 
 @dataclass
@@ -167,16 +249,20 @@ class ExitsSnapshot:
     userspace_exits: list[UserspaceRow]
     pio: list[PioRow]
     mmio: list[MmioRow]
+    emulated: list[EmulatedRow]          # per vCPU thread
+    emulated_insns: list[InsnRow]        # per VM and instruction, the busiest insn_rows per VM
     alerts: list[Alert]
     notes: list[str]
     overflow: int                        # events lost to full maps since start
+    missed: int                          # events the kernel kept from the program this interval
     _metrics: list[Metric] = field(default_factory=list)
 
     def headline(self) -> str:
         def per_s(rows) -> str:
             return f"{sum(r.count for r in rows) / self.interval_s:.0f}/s" if self.interval_s else "-"
         text = (f"exits: {len(self.vms)} VM(s) in {self.interval_s:.2f}s: kvm_exit {per_s(self.exits)}, "
-                f"to VMM {per_s(self.userspace_exits)}, PIO {per_s(self.pio)}, MMIO {per_s(self.mmio)}")
+                f"to VMM {per_s(self.userspace_exits)}, PIO {per_s(self.pio)}, MMIO {per_s(self.mmio)}, "
+                f"emulated {per_s(self.emulated)}")
         return text + (f"  [{len(self.alerts)} ALERT(S)]" if self.alerts else "")
 
     def tables(self, top: int) -> list[TableData]:
@@ -192,6 +278,14 @@ class ExitsSnapshot:
                 TableData("MMIO addresses", ["vm", "gpa", "access", "count", "rate/s"],
                           [[r.vm, f"0x{r.gpa:x}", r.access, r.count, round(r.rate, 1)]
                            for r in self.mmio[:top]]),
+                TableData("instructions emulated by KVM per vCPU (kvm_emulate_insn)",
+                          ["vm", "vcpu", "tid", "emulated", "failed", "rate/s"],
+                          [[r.vm, _vcpu(r.vcpu), r.tid, r.count, r.failed, round(r.rate, 1)]
+                           for r in self.emulated[:top]]),
+                TableData("top emulated instructions (first bytes; the mnemonic is a hint)",
+                          ["vm", "bytes", "len", "mode", "hint", "count", "failed", "rate/s"],
+                          [[r.vm, r.insn, r.length, r.mode, r.hint, r.count, r.failed, round(r.rate, 1)]
+                           for r in self.emulated_insns[:top]]),
                 TableData(f"rates above {self.alert_rate:g}/s", ["vm", "view", "what", "rate/s"],
                           [[a.vm, a.view, a.what, round(a.rate, 1)] for a in self.alerts])]
 
@@ -201,6 +295,9 @@ class ExitsSnapshot:
         notes = list(self.notes)
         if self.overflow:
             notes.append(f"{self.overflow} events lost since start (maps full)")
+        if self.missed:
+            notes.append(f"{self.missed} events missed this interval (another BPF program "
+                         "was running on the CPU): counts may be short by that much")
         return TableData("exit reasons (kvm_exit; latency = until the next kvm_entry)",
                          ["vm", "vcpu", "isa", "reason", "count", "rate/s", *LATENCY_COLUMNS], rows, notes)
 
@@ -225,7 +322,8 @@ def _rate(count: int, seconds: float) -> float:
     return round(count / seconds, 3) if seconds > 0 else 0.0
 
 
-MAPS = ("exit_counts", "exit_lat", "uexit_counts", "vmm_lat", "pio_counts", "mmio_counts")
+MAPS = ("exit_counts", "exit_lat", "uexit_counts", "vmm_lat", "pio_counts", "mmio_counts",
+        "emul_counts")
 
 
 @dataclass
@@ -257,7 +355,38 @@ def build_views(maps: dict[str, dict[tuple, int]], seconds: float, labels: Label
            for (tgid, port, rw), n in maps["pio_counts"].items()]
     mmio = [MmioRow(labels.vm(tgid), tgid, gpa, labels.names.mmio_access(kind), n, _rate(n, seconds))
             for (tgid, kind, gpa), n in maps["mmio_counts"].items()]
-    return Views(*(sorted(rows, key=lambda r: -r.count) for rows in (exits, users, pio, mmio)))
+    emulated, insns = emulation_rows(maps["emul_counts"], seconds, labels)
+    return Views(*(sorted(rows, key=lambda r: -r.count) for rows in (exits, users, pio, mmio)),
+                 emulated, insns)
+
+
+def emulation_rows(counts: dict[tuple, int], seconds: float,
+                   labels: Labels) -> tuple[list[EmulatedRow], list[InsnRow]]:
+    """Per-vCPU totals and per-VM instructions from emul_counts rows
+    (tgid, tid, insn, len, mode, failed); a failed row counts in `failed` only."""
+    threads: dict[tuple, list[int]] = {}
+    insns: dict[tuple, list[int]] = {}
+    for (tgid, tid, insn, length, mode, failed), n in counts.items():
+        threads.setdefault((tgid, tid), [0, 0])[bool(failed)] += n
+        insns.setdefault((tgid, insn, length, mode), [0, 0])[bool(failed)] += n
+    per_vcpu = [EmulatedRow(labels.vm(tgid), tgid, labels.vcpu_of.get(tid), tid, n, bad,
+                            _rate(n, seconds)) for (tgid, tid), (n, bad) in threads.items()]
+    per_insn = [InsnRow(labels.vm(tgid), tgid, insn_text(insn, length), length,
+                        labels.names.cpu_mode(mode), insn_hint(insn_bytes(insn, length)), n, bad,
+                        _rate(n, seconds)) for (tgid, insn, length, mode), (n, bad) in insns.items()]
+    return (sorted(per_vcpu, key=lambda r: (-r.count, -r.failed)),
+            sorted(per_insn, key=lambda r: (-r.count, -r.failed)))
+
+
+def busiest_per_vm(rows: list[InsnRow], keep: int) -> list[InsnRow]:
+    """The first `keep` rows of each VM (rows sorted busiest first); order kept."""
+    seen: dict[int, int] = {}
+    out = []
+    for row in rows:
+        seen[row.pid] = seen.get(row.pid, 0) + 1
+        if seen[row.pid] <= keep:
+            out.append(row)
+    return out
 
 
 def vm_latencies(exits: list[ExitRow], include_idle: bool) -> list[VmLatency]:
@@ -287,6 +416,8 @@ def alerts(views: Views, seconds: float, threshold: float) -> list[Alert]:
         add(r, "pio", f"port 0x{r.port:x} {r.direction}")
     for r in views.mmio:
         add(r, "mmio", f"gpa 0x{r.gpa:x} {r.access}")
+    for r in views.insns:
+        add(r, "emulated", r.what)
     out = [Alert(vm, pid, view, what, _rate(n, seconds))
            for (pid, view, what), (vm, n) in totals.items() if _rate(n, seconds) > threshold]
     return sorted(out, key=lambda a: -a.rate)
@@ -296,7 +427,7 @@ def kvm_exit_status(cumulative: Views) -> str:
     """Whether kvm_exit fires for the traced VMs: judged on everything counted since start."""
     if cumulative.exits:
         return "seen"
-    if cumulative.userspace or cumulative.pio or cumulative.mmio:
+    if cumulative.userspace or cumulative.pio or cumulative.mmio or cumulative.emulated:
         return "not-emitted"
     return "no-events"
 
@@ -304,10 +435,13 @@ def kvm_exit_status(cumulative: Views) -> str:
 def status_notes(status: str, cumulative: Views, pvm: bool) -> list[str]:
     if status != "not-emitted":
         return []
-    others = sum(r.count for r in cumulative.userspace) + sum(r.count for r in cumulative.pio)
+    others = sum(r.count for rows in (cumulative.userspace, cumulative.pio, cumulative.mmio,
+                                      cumulative.emulated) for r in rows)
     why = " (a PVM host: /sys/module/kvm_pvm is loaded)" if pvm else ""
     return [f"no exit reasons: this kernel does not emit kvm:kvm_exit{why}; {others} exits to the "
-            "VMM and PIO events were counted for the same VMs, so the other views are complete"]
+            "VMM, PIO/MMIO accesses and emulated instructions were counted for the same VMs, but "
+            "exits KVM completes without its instruction emulator or the VMM (e.g. interrupts, "
+            "page faults) show in no view"]
 
 
 def metrics_of(views: Views) -> list[Metric]:
@@ -330,20 +464,28 @@ def metrics_of(views: Views) -> list[Metric]:
     out += [Metric("kvmbpf_mmio_total", "counter", "kvm_mmio events",
                    {"vm": r.vm, "gpa": f"0x{r.gpa:x}", "access": r.access}, r.count)
             for r in views.mmio]
+    for r in views.emulated:
+        labels = {"vm": r.vm, "vcpu": _vcpu(r.vcpu)}
+        out.append(Metric("kvmbpf_emulated_insns_total", "counter",
+                          "instructions KVM emulated (kvm_emulate_insn)", labels, r.count))
+        out.append(Metric("kvmbpf_emulation_failures_total", "counter",
+                          "instructions KVM failed to emulate", labels, r.failed))
     return out
 
 
 class ExitsCollector(BaseCollector):
-    """kvmbpf exits: exit reasons, exits to the VMM, PIO and MMIO per VM and vCPU."""
+    """kvmbpf exits: exit reasons, exits to the VMM, PIO, MMIO and emulated instructions per VM and vCPU."""
 
     program_name = "exits"
 
     def __init__(self, scope: Scope, include_idle: bool = False,
-                 alert_rate: float = DEFAULT_ALERT_RATE):
+                 alert_rate: float = DEFAULT_ALERT_RATE, insn_rows: int = INSN_ROWS):
         self.names = ReasonNames.from_kernel()
         self.include_idle = include_idle
         self.alert_rate = alert_rate
+        self.insn_rows = insn_rows
         self.vcpu_of: dict[int, int | None] = {}      # tid -> vCPU index, every thread seen
+        self.missed_total = 0
         super().__init__(scope, {"FILTER_TIDS": int(bool(scope.vcpus))})
 
     def update_filters(self) -> None:
@@ -371,11 +513,19 @@ class ExitsCollector(BaseCollector):
         views = build_views(deltas, elapsed, labels)
         since_start = build_views(current, self.interval.last_time - self.interval.start_time, labels)
         status = kvm_exit_status(since_start)
+        missed = self.missed()
+        self.missed_total += missed
+        missed_metric = Metric("kvmbpf_missed_events_total", "counter",
+                               "Events the kernel kept from a collector's BPF program (another "
+                               "BPF program was running on the CPU)", {"collector": "exits"},
+                               self.missed_total)
         return ExitsSnapshot(
             interval_s=round(elapsed, 3), vms={vm.name: vm.pid for vm in self.scope.vms},
             kvm_exit=status, include_idle=self.include_idle, alert_rate=self.alert_rate,
             exits=views.exits, exit_latency=vm_latencies(views.exits, self.include_idle),
             userspace_exits=views.userspace, pio=views.pio, mmio=views.mmio,
+            emulated=views.emulated, emulated_insns=busiest_per_vm(views.insns, self.insn_rows),
             alerts=alerts(views, elapsed, self.alert_rate),
             notes=status_notes(status, since_start, os.path.isdir(PVM_MODULE)),
-            overflow=self.overflow(), _metrics=metrics_of(since_start))
+            overflow=self.overflow(), missed=missed,
+            _metrics=[*metrics_of(since_start), missed_metric])

@@ -42,6 +42,7 @@ class MultiSnapshot:
     off: dict[str, str] = field(default_factory=dict)
     probes: dict[str, int] = field(default_factory=dict)     # attached probes per collector
     overflow: dict[str, int] = field(default_factory=dict)   # events lost to full maps, cumulative
+    missed: dict[str, int] = field(default_factory=dict)     # events the kernel kept from BPF, cumulative
 
     def headline(self) -> str:
         return "; ".join(part.headline() for part in self.parts.values())
@@ -70,6 +71,10 @@ class MultiSnapshot:
             out.append(Metric("kvmbpf_map_overflow_total", "counter",
                               "Events a collector could not record because a bounded map was full",
                               {"collector": name}, n))
+        for name, n in self.missed.items():
+            out.append(Metric("kvmbpf_missed_events_total", "counter",
+                              "Events the kernel did not run a collector's BPF program for (another "
+                              "BPF program was running on that CPU)", {"collector": name}, n))
         return out
 
 
@@ -120,6 +125,8 @@ class MultiCollector:
         return MultiSnapshot(interval, time.time(), parts, dict(self.off),
                              {name: probe_count(c) for name, c in self.collectors.items()},
                              {name: c.overflow() for name, c in self.collectors.items()
+                              if isinstance(c, BaseCollector)},
+                             {name: c.program.missed_events() for name, c in self.collectors.items()
                               if isinstance(c, BaseCollector)})
 
     def close(self) -> None:

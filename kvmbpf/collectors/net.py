@@ -25,7 +25,7 @@ from .. import btf, kernel, tracefs
 from ..errors import KvmbpfError
 from ..hist import Histogram
 from ..inventory import VM, Inventory
-from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
 #: Counter kinds of net.bpf.c's `traffic` map, in order.
@@ -93,8 +93,9 @@ class HostProbes:
 
 
 def kernel_name(function: str, kallsyms: frozenset[str]) -> str:
-    """dev_queue_xmit is an inline wrapper of __dev_queue_xmit since 5.19."""
-    if function == "dev_queue_xmit" and "dev_queue_xmit" not in kallsyms:
+    """__dev_queue_xmit has every transmit (since 5.19 dev_queue_xmit is an inline wrapper of
+    it, whose out-of-line copies in modules would see only some)."""
+    if function == "dev_queue_xmit" and "__dev_queue_xmit" in kallsyms:
         return "__dev_queue_xmit"
     return function
 
@@ -358,6 +359,7 @@ class NetSnapshot:
     forwards: list[Forward]
     drops: list[Drop]
     overflow: int                # counter updates lost since start because a map was full
+    missed: int                  # events the kernel kept from the programs, this interval
     notes: list[str] = field(default_factory=list)
     plan: str = "tracepoints"    # fentry, kprobe or tracepoints
     protocols: list[ProtoStats] = field(default_factory=list)
@@ -374,9 +376,7 @@ class NetSnapshot:
                 f"{self.interval_s:.2f}s [{self.plan}]")
 
     def tables(self, top: int) -> list[TableData]:
-        notes = [self.attach] + self.notes
-        if self.overflow:
-            notes.append(f"{self.overflow} counter updates lost since start (a map was full)")
+        notes = [self.attach] + self.notes + loss_notes(self.overflow, self.missed)
         devices = sorted(self.devices, key=lambda d: -(d.rx_packets + d.tx_packets))[:top]
         tables = [
             TableData("VMs (rx = from the guest, tx = to the guest)",
@@ -602,6 +602,6 @@ class NetCollector(BaseCollector):
         notes = (list(self.notes) + dhcp_notes(protos, self.devices) if self.ids
                  else ["no taps to trace (no VM with a tap in scope)"])
         return NetSnapshot(round(elapsed, 6), self.attach, *rows, overflow=self.overflow(),
-                           notes=notes, plan=self.plan.method, protocols=protos, calls=calls,
+                           missed=self.missed(), notes=notes, plan=self.plan.method, protocols=protos, calls=calls,
                            forward_latency=latency,
                            _metrics=net_metrics(devices, forwards, drops, total_protos, total_calls))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..elfprobes import ProbePoints, discover
 from ..errors import KvmbpfError
 from ..hist import Histogram
-from ..snapshot import LATENCY_COLUMNS, Metric, TableData, fmt_ns, latency_cells
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, fmt_ns, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
 #: Published cost of one uprobe hit (entry); a uretprobe roughly doubles it.
@@ -99,6 +99,7 @@ class QemuSnapshot:
     threads: list[ThreadCalls]
     overhead_pct: float       # estimated CPU share of the probes (~1.5 us per hit)
     overflow: int
+    missed: int               # uprobe hits the kernel kept from the programs, this interval
     _metrics: list[Metric] = field(default_factory=list)
 
     def headline(self) -> str:
@@ -109,7 +110,7 @@ class QemuSnapshot:
     def tables(self, top: int) -> list[TableData]:
         timed = any(r.latency is not None for r in self.vms)
         lat_cols = LATENCY_COLUMNS if timed else []
-        notes = [f"{self.overflow} events lost (maps full)"] if self.overflow else []
+        notes = loss_notes(self.overflow, self.missed)
 
         def cells(h: Histogram | None) -> list[str]:
             return latency_cells(h) if h is not None and h.count else ["-"] * len(lat_cols)
@@ -188,7 +189,7 @@ class QemuCollector(BaseCollector):
         total = sum(r.calls for r in vms)
         return QemuSnapshot(round(elapsed, 6), self.binaries, self.functions, vms, threads,
                             overhead_pct(total, elapsed, self.latency), self.overflow(),
-                            self._metrics())
+                            self.missed(), self._metrics())
 
     def _thread(self, tgid: int, tid: int) -> str:
         return "main" if tid == tgid else self.scope.thread_label(tid)

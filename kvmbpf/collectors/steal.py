@@ -20,7 +20,7 @@ from pathlib import Path
 from .. import tracefs
 from ..hist import Histogram
 from ..inventory import VM, Thread
-from ..snapshot import LATENCY_COLUMNS, Metric, TableData, fmt_ns, latency_cells
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, fmt_ns, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
 _FLAGS_RE = re.compile(r"__print_flags\((.*?)\)\s*:", re.S)
@@ -95,6 +95,7 @@ class StealSnapshot:
     overflow: int             # events lost to full maps since start
     unmatched: int            # vCPU switch-ins whose wait start was not seen, since start
     no_slot: int              # waits that found their CPU's slots full, since start
+    missed: int               # sched events the kernel kept from the programs, this interval
     _metrics: list[Metric] = field(default_factory=list)
 
     def headline(self) -> str:
@@ -104,7 +105,7 @@ class StealSnapshot:
                 f"in {self.interval_s:.2f}s")
 
     def tables(self, top: int) -> list[TableData]:
-        notes = [f"{self.overflow} events lost (maps full)"] if self.overflow else []
+        notes = loss_notes(self.overflow, self.missed)
         if self.unmatched:
             notes.append(f"{self.unmatched} waits with an unseen start (first after attach, "
                          "or sched events the kernel did not run BPF for)")
@@ -225,7 +226,8 @@ class StealCollector(BaseCollector):
                 gone=(tgid, tid) not in current))
         self.reported = current
         vms = [self._vm_row(tgid, vcpus, elapsed) for tgid, vcpus in sorted(rows.items())]
-        return StealSnapshot(round(elapsed, 6), vms, overflow, unmatched, no_slot, self._metrics())
+        return StealSnapshot(round(elapsed, 6), vms, overflow, unmatched, no_slot, self.missed(),
+                             self._metrics())
 
     def _vm_row(self, tgid: int, vcpus: list[VcpuSteal], elapsed: float) -> VmSteal:
         vcpus.sort(key=lambda c: (c.vcpu is None, c.vcpu or 0, c.tid))

@@ -1,4 +1,4 @@
-"""`kvmbpf exits`: exit reasons and their latency, exits to the VMM, PIO ports and MMIO addresses."""
+"""`kvmbpf exits`: exit reasons and their latency, exits to the VMM, PIO/MMIO, emulated instructions."""
 from __future__ import annotations
 
 import click
@@ -13,11 +13,14 @@ from ..errors import KvmbpfError
 @click.option("--include-idle", is_flag=True,
               help="Count idle exits (HLT, MWAIT) in the per-VM handling-latency summary.")
 @click.option("--alert-rate", type=float, default=10_000.0, show_default=True,
-              help="Flag a reason, port or address above this many events/s on one VM.")
+              help="Flag a reason, port, address or emulated instruction above this many "
+                   "events/s on one VM.")
 def exits(vms, pids, vcpus, timing, as_json, top, include_idle, alert_rate) -> None:
-    """Per VM and vCPU: why it exits (and how long that takes), what reaches the VMM, PIO and MMIO."""
+    """Per VM and vCPU: why it exits (and how long that takes), what reaches the VMM, PIO and MMIO,
+    and which instructions KVM emulates (the mnemonic shown is a hint from the first bytes).
+    --top also bounds the emulated instructions kept per VM in --json output (busiest first)."""
     if not alert_rate > 0:
         raise KvmbpfError(f"--alert-rate must be > 0 (got {alert_rate:g})")
     from ..collectors.exits import ExitsCollector
-    emit_snapshots(ExitsCollector(Scope(vms, pids, vcpus), include_idle, alert_rate),
+    emit_snapshots(ExitsCollector(Scope(vms, pids, vcpus), include_idle, alert_rate, insn_rows=top),
                    timing, as_json, top)

@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import run_kvmbpf, unique
 from kvmbpf.collectors.base import Scope
 from kvmbpf.collectors.cpu import CpuCollector
-from test_steal import spinning_vm
+from .test_steal import spinning_vm
 
 TICK = 1e9 / os.sysconf("SC_CLK_TCK")
 

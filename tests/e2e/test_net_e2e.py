@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from kvmbpf import kernel
 from kvmbpf.lab.network import ether_frame
 from tests.conftest import ROOT, run_kvmbpf, unique
 
@@ -322,3 +323,10 @@ def test_bad_input_one_line_exit_2(args, message, no_leaked_probes):
     res = run_kvmbpf("net", *args, "-d", "1")
     assert res.rc == 2
     assert res.err.count("\n") == 1 and res.err.startswith("kvmbpf: error:") and message in res.err
+
+
+@pytest.mark.skipif(kernel.has_kprobes(), reason="this kernel has kprobes: --attach kprobe is valid here")
+def test_attach_kprobe_without_kprobes_is_one_line_exit_2(no_leaked_probes):
+    res = run_kvmbpf("net", "--attach", "kprobe", "-d", "1")
+    assert res.rc == 2 and res.err.count("\n") == 1
+    assert res.err.startswith("kvmbpf: error: --attach kprobe: kprobes are not available")

@@ -3,10 +3,10 @@ import pytest
 
 from kvmbpf.collectors.base import Scope
 from kvmbpf.collectors.blk import (DEPTH, ISSUE, OPS, QUEUE, SIZE, BlkCollector, BlkSnapshot,
-                                   build_stats, op_metrics, parse_device, split_dev)
+                                   build_stats, op_metrics, parse_device, split_dev, vm_devices)
 from kvmbpf.errors import KvmbpfError
 from kvmbpf.hist import slot_of
-from kvmbpf.inventory import kernel_dev
+from kvmbpf.inventory import VM, Disk, kernel_dev
 
 
 @pytest.fixture
@@ -79,11 +79,15 @@ def test_device_rows_sum_over_operations():
 
 def test_snapshot_renders_and_exports():
     ops, devices = _rows()
-    snap = BlkSnapshot(2.0, ops, devices, overflow=3, expired=0, _metrics=op_metrics(ops, devices))
+    snap = BlkSnapshot(2.0, ops, devices, overflow=3, missed=2, expired=0,
+                       _metrics=op_metrics(ops, devices))
     assert snap.headline().startswith("blk: 7 requests (4/s)")
     queue, issue, per_dev = snap.tables(top=10)
     assert len(queue.rows) == 3 and queue.rows[0][:4] == ["web", "loop3", "read", 4]
     assert any("3 requests not tracked" in n for n in queue.notes)
+    assert any("2 block events missed" in n for n in queue.notes)
+    quiet = BlkSnapshot(2.0, ops, devices, overflow=0, missed=0, expired=0)
+    assert quiet.tables(top=10)[0].notes == []
     assert len(per_dev.rows) == 2
     names = {(m.name, m.labels.get("op"), m.labels.get("interval")) for m in snap.metrics()}
     assert ("kvmbpf_blk_latency_seconds", "read", "queue") in names
@@ -99,3 +103,24 @@ def test_snapshot_renders_and_exports():
 def test_conflicting_options(kwargs, scope, msg):
     with pytest.raises(KvmbpfError, match=msg):
         BlkCollector(scope, **kwargs)
+
+
+def _vm(pid: int, *paths: str) -> VM:
+    devs = {"/dev/loop3": (7, 3), "/dev/loop4": (7, 4), "/dev/loop5": (7, 5),
+            "/var/lib/images/boot.img": (254, 0), "/dev/vda": (254, 0)}
+    return VM(pid, f"vm{pid}", "qemu", disks=[Disk(p, *devs[p]) for p in paths])
+
+
+def _is_block(path: str) -> bool:
+    return path.startswith("/dev/")
+
+
+def test_vm_devices_only_block_devices_one_vm_owns():
+    """A loop device one VM has open is that VM's; one two VMs share, the disk holding image
+    files (the host's too) and devices of VMs out of scope are left to thread attribution."""
+    vms = [_vm(100, "/dev/loop3", "/dev/loop5", "/var/lib/images/boot.img"),
+           _vm(200, "/dev/loop4", "/dev/loop5"),
+           _vm(300, "/dev/vda")]
+    assert vm_devices(vms, vms, _is_block) == {kernel_dev(7, 3): 100, kernel_dev(7, 4): 200}
+    assert vm_devices(vms[1:], vms, _is_block) == {kernel_dev(7, 4): 200}
+    assert vm_devices([], vms, _is_block) == {}

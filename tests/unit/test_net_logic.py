@@ -82,14 +82,15 @@ def test_build_rows_per_device_vm_forward_and_drop():
 
 def test_snapshot_schema_and_tables():
     plan = choose_plan(host())
-    snap = NetSnapshot(1.0, plan.describe(), [], [], [], [], 0, ["a note"])
+    snap = NetSnapshot(1.0, plan.describe(), [], [], [], [], 0, 4, ["a note"])
     data = plain(snap)
-    assert set(data) == {"interval_s", "attach", "devices", "vms", "forwards", "drops", "overflow", "notes",
+    assert set(data) == {"interval_s", "attach", "devices", "vms", "forwards", "drops", "overflow", "missed", "notes",
                          "plan", "protocols", "calls", "forward_latency"}
     assert "kprobes are not available" in snap.attach and "tracepoints (net:netif_receive_skb" in snap.attach
     assert snap.attach.startswith("tracepoints only")
     tables = snap.tables(10)
     assert [t.title.split()[0] for t in tables] == ["VMs", "devices"]
+    assert any(n.startswith("4 events missed this interval") for n in tables[1].notes)
     assert tables[1].notes[0] == snap.attach and "net:" in snap.headline() and "[tracepoints]" in snap.headline()
 
 
@@ -152,7 +153,7 @@ def test_protocol_call_and_latency_rows_and_dhcp_note():
         ("tapweb", "tapdb", "netif_receive_skb", 2), ("tapweb", "tapdb", "tun_get_user", 4)]
     assert latency[0].bridge == "br0"
     assert dhcp_notes(protos, devices) == ["tapdb: 4 DHCPDISCOVER from the guest and no DHCPOFFER to it"]
-    snap = NetSnapshot(1.0, "a", [], [], [], [], 0, plan="kprobe", protocols=protos, calls=calls,
+    snap = NetSnapshot(1.0, "a", [], [], [], [], 0, 0, plan="kprobe", protocols=protos, calls=calls,
                        forward_latency=latency)
     titles = [t.title.split()[0] for t in snap.tables(10)]
     assert titles == ["VMs", "devices", "protocols", "kprobe", "forward"]

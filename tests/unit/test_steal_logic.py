@@ -74,7 +74,7 @@ def test_snapshot_json_and_tables():
     hist.add(slot_of(2_000_000), 3)
     cul = [Culprit("hog", 9, 9, None, None, 6_000_000)]
     vcpu = VcpuSteal(0, 101, 3, 6_000_000, 0.6, hist, cul)
-    snap = StealSnapshot(1.0, [VmSteal("web", 100, 6_000_000, 0.6, [vcpu], cul)], 0, 1, 2)
+    snap = StealSnapshot(1.0, [VmSteal("web", 100, 6_000_000, 0.6, [vcpu], cul)], 0, 1, 2, 0)
     data = plain(snap)
     assert data["interval_s"] == 1.0 and "_metrics" not in data
     row = data["vms"][0]["vcpus"][0]
