@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from ..elfprobes import ProbePoints, discover
 from ..errors import KvmbpfError
 from ..hist import Histogram
-from ..snapshot import LATENCY_COLUMNS, Metric, TableData, fmt_ns, latency_cells, loss_notes
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
 #: Published cost of one uprobe hit (entry); a uretprobe roughly doubles it.

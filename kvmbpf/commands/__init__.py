@@ -1,7 +1,2 @@
-from . import doctor, lab  # noqa: F401
-from . import steal  # noqa: F401
-from . import blk  # noqa: F401
-from . import exits  # noqa: F401
-from . import top, export, record  # noqa: F401
-from . import net  # noqa: F401
-from . import qemu  # noqa: F401
+"""Subcommands beyond `vms`: each module registers itself on kvmbpf.cli.main."""
+from . import blk, doctor, exits, export, lab, net, qemu, record, steal, top  # noqa: F401

@@ -89,17 +89,6 @@ def net_prog_ids() -> set[int]:
             if p.get("name", "").startswith(("tracepoint__net", "tracepoint__skb"))}
 
 
-@pytest.fixture
-def no_leaked_probes():
-    """conftest's check, limited to net.bpf.c's tracepoints: other engineers' tests load their
-    own programs on this host at the same time, which the global check counts as leaks."""
-    before = net_prog_ids()
-    yield
-    deadline = time.monotonic() + 60     # a concurrent `kvmbpf net` of someone else's ends by then
-    while (leaked := net_prog_ids() - before) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert not leaked, f"BPF programs left loaded: {sorted(leaked)}"
-
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before[k] for k in before}
 

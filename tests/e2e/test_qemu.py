@@ -28,15 +28,6 @@ def our_uprobe_programs() -> set[int]:
             and p.get("name", "").startswith(("on_entry_", "on_return_"))}
 
 
-@pytest.fixture
-def no_leaked_uprobes():
-    """Like conftest's no_leaked_probes, restricted to our programs: other tools load and
-    unload theirs concurrently on this shared host."""
-    assert not our_uprobe_programs()
-    yield
-    assert not our_uprobe_programs(), "kvmbpf qemu left uprobe programs loaded"
-
-
 def start_bpftrace(pid: int) -> subprocess.Popen:
     """An independent counter of the same uprobe in the same process; prints 'tick' once attached."""
     prog = (f"uprobe:{QEMU}:{FUNC} /pid == {pid}/ {{ @calls = count(); }} "
@@ -59,7 +50,7 @@ def wait_line(proc: subprocess.Popen, want, timeout: float = 60) -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("bpftrace") is None, reason="needs bpftrace (the ground truth)")
-def test_counts_equal_bpftrace_and_the_guest_workload_on_vcpu0(lab, no_leaked_uprobes):
+def test_counts_equal_bpftrace_and_the_guest_workload_on_vcpu0(lab, no_leaked_probes):
     name = unique("q")
     pio, mmio = 300, 700
     vm = lab.start_vm(name, "quiet", {"PIO_COUNT": pio, "MMIO_COUNT": mmio, "SPIN_COUNT": 24})
@@ -96,7 +87,7 @@ def test_counts_equal_bpftrace_and_the_guest_workload_on_vcpu0(lab, no_leaked_up
     assert all(s["overflow"] == 0 for s in snaps)
 
 
-def test_rate_guard_refuses_a_hot_function_and_force_overrides(lab, no_leaked_uprobes):
+def test_rate_guard_refuses_a_hot_function_and_force_overrides(lab, no_leaked_probes):
     name = unique("q")
     vm = lab.start_vm(name, "exits", {"PIO_COUNT": 2000, "MMIO_COUNT": 200, "DELAY_MS": 50,
                                       "ROUNDS": 0})
@@ -126,7 +117,7 @@ def test_probes_of_a_vm_match_the_binary_it_runs(lab):
         ("kvm_cpu_exec", addr[0])]
 
 
-def test_bad_input_is_one_line_and_exit_2(lab, no_leaked_uprobes):
+def test_bad_input_is_one_line_and_exit_2(lab, no_leaked_probes):
     name = unique("q")
     lab.start_vm(name, "exits", {"ROUNDS": 1}).wait_for("done")
     for args in (["trace", "memory_region_dispatch_writ", "--vm", name],

@@ -33,17 +33,6 @@ def sched_prog_ids() -> set[int]:
     return {p["id"] for p in bpftool("prog", "list") if ours & set(p.get("map_ids", []))}
 
 
-@pytest.fixture
-def no_leaked_probes():
-    """Like conftest's, but only our programs: other engineers load probes concurrently."""
-    before = sched_prog_ids()
-    yield
-    deadline = time.monotonic() + 10         # the kernel frees a dead process's programs lazily
-    while (leaked := sched_prog_ids() - before) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not leaked, f"sched BPF programs left loaded: {sorted(leaked)}"
-
-
 def vcpu_tid(pid: int) -> int:
     """vCPU 0's thread, straight from /proc (QEMU names it "CPU 0/KVM")."""
     for tid in os.listdir(f"/proc/{pid}/task"):

@@ -1,5 +1,4 @@
 """VM discovery from fake /proc trees: names, vCPUs, taps, disks."""
-from pathlib import Path
 
 import pytest
 
