@@ -7,14 +7,27 @@
  * the tracepoints give — that the completion finds on whatever CPU it runs.
  * Not every bio of a VM is queued by one of its threads: blk-throttle (a cgroup I/O
  * limit) holds bios back and a kworker queues them later, so a device that exactly one
- * VM has open (vm_devs, from the inventory) is attributed by device, whoever queues.
+ * VM has open (`devs` value = that VM, from the inventory) is attributed by device,
+ * whoever queues.
  * block_bio_queue fires after blk-throttle released the bio: the time a cgroup limit
  * held it is in neither latency (no tracepoint sees the bio before that).
  *
+ * Cost: a hash map operation is ~20-45 ns here, an array lookup (inlined) a few, so the
+ * only hash a request touches in the common case is the start map.  `rows` gives a
+ * (vm, dev, op) its index in `stats`, a per-CPU array of one struct per row holding
+ * every counter and histogram; the index and the device's in-flight slot ride in the
+ * start entry, so issue and completion update plain array memory.  Rows and device
+ * slots are handed out here on first use (never freed: cumulative).  At queue, the
+ * whole attribution (filters, owner, row) of (task's tgid, dev, op) is remembered in a
+ * small per-CPU direct-mapped cache, valid while `filter_gen` (bumped by Python after
+ * it changes a filter map) is unchanged: a hit replaces three hash lookups.
+ *
  * Parameters (-D, integers):
  *   ALL_IO      1: every process's I/O (VMs labelled, the rest as tgid 0)
- *   FILTER_DEV  1: only devices in traced_devs
+ *   FILTER_DEV  1: only devices in `devs`
  *   MAX_REQS    start-map bound (requests in flight)
+ *   MAX_ROWS    stats rows: (vm, device, op) combinations
+ *   MAX_DEVS    devices with an in-flight count
  */
 #include "kvmbpf.h"
 
@@ -27,6 +40,13 @@
 #ifndef MAX_REQS
 #define MAX_REQS 16384
 #endif
+#ifndef MAX_ROWS
+#define MAX_ROWS 64
+#endif
+#ifndef MAX_DEVS
+#define MAX_DEVS 256
+#endif
+#define CACHE_BITS 8
 
 /* Operations (names in kvmbpf/collectors/blk.py OPS). */
 #define OP_READ 0
@@ -35,23 +55,19 @@
 #define OP_DISCARD 3
 #define OP_OTHER 4
 
-/* Histogram kinds. */
-#define K_QUEUE 0      /* block_bio_queue -> block_rq_complete, ns */
-#define K_ISSUE 1      /* block_rq_issue  -> block_rq_complete, ns */
-#define K_SIZE 2       /* completed bytes */
-#define K_DEPTH 3      /* traced requests in flight on the device at issue, incl. this one */
-
-/* Counters. */
-#define C_REQUESTS 0
-#define C_BYTES 1
-#define C_ERRORS 2
-#define C_BACKMERGE 3
-#define C_FRONTMERGE 4
-#define C_RQMERGE 5
-#define C_REQUEUE 6
+/* `devs` value of a device no single VM owns: attribute by the queueing thread. */
+#define NO_OWNER 0xffffffff
 
 /* Overflow slots. */
 #define OVF_START 0    /* a request not tracked: start map full */
+#define OVF_ROWS 1     /* an event not counted: stats rows or device slots all taken */
+
+/* Histogram slots kept per row: hist_slot() of values below 2^E lies below
+ * (E - HIST_SUB_BITS + 1) * HIST_SUB; larger values share the last slot. */
+#define SLOTS_BELOW(e) (((e) - HIST_SUB_BITS + 1) * HIST_SUB)
+#define LAT_SLOTS SLOTS_BELOW(44)     /* ns: 4.9 h (requests expire after 30 s) */
+#define SIZE_SLOTS SLOTS_BELOW(41)    /* bytes: nr_sector (u32) << 9 is always below */
+#define DEPTH_SLOTS SLOTS_BELOW(20)
 
 /* Data-less requests (flushes) carry sector 0 on queue/issue and ~0 on the flush
  * request's completion; one key for all of them keeps them apart from data at sector 0. */
@@ -67,36 +83,62 @@ struct req_val {
     u64 queue_ts;      /* 0: queued before tracing or not seen (ALL_IO, issue only) */
     u64 issue_ts;
     u32 tgid;          /* VM pid; 0 = not a VM (ALL_IO) */
+    u32 row;           /* index in stats */
+    u16 devslot;       /* index in inflight */
     u8 op;
     u8 issued;         /* counted in inflight (undone by complete/requeue) */
-    u16 __pad1;
+    u32 __pad1;
 };
 
-struct hist_key {
+struct row_key {
     u32 tgid;
     u32 dev;
-    u8 op;
-    u8 kind;
-    u16 __pad0;
-    u32 slot;
+    u32 op;
 };
 
-struct count_key {
+struct row_ref {
+    u32 row;
+    u32 devslot;
+};
+
+/* A remembered attribution: vm < 0 means drop. */
+struct attr_entry {
     u32 tgid;
     u32 dev;
+    u32 gen;
+    u32 row;
+    s32 vm;
+    u16 devslot;
     u8 op;
-    u8 what;
-    u16 __pad0;
+    u8 used;
+};
+
+/* Everything counted for one (vm, dev, op); requests = the size histogram's count.
+ * Field names are read by kvmbpf/collectors/blk.py. */
+struct row_stats {
+    u64 bytes;
+    u64 errors;
+    u64 backmerges;
+    u64 frontmerges;
+    u64 rq_merges;
+    u64 requeues;
+    u64 queue[LAT_SLOTS];     /* block_bio_queue -> block_rq_complete, ns */
+    u64 issue[LAT_SLOTS];     /* block_rq_issue  -> block_rq_complete, ns */
+    u64 size[SIZE_SLOTS];     /* completed bytes */
+    u64 depth[DEPTH_SLOTS];   /* traced requests in flight on the device at issue, incl. this one */
 };
 
 KVMBPF_FILTER_MAPS
 KVMBPF_OVERFLOW_MAP
-BPF_HASH(traced_devs, u32, u32, 1024);
-BPF_HASH(vm_devs, u32, u32, 1024);      /* dev_t -> pid of the one VM that has it open */
+BPF_HASH(devs, u32, u32, 1024);          /* dev_t -> owning VM's pid or NO_OWNER */
 BPF_HASH(start, struct req_key, struct req_val, MAX_REQS);
-BPF_HASH(inflight, u32, s64, 1024);
-BPF_PERCPU_HASH(hists, struct hist_key, u64, 32768);
-BPF_PERCPU_HASH(counts, struct count_key, u64, 4096);
+BPF_HASH(rows, struct row_key, struct row_ref, MAX_ROWS);
+BPF_HASH(devslots, u32, u32, MAX_DEVS);
+BPF_ARRAY(allocated, u64, 2);            /* [0] rows, [1] device slots handed out */
+BPF_ARRAY(inflight, s64, MAX_DEVS);
+BPF_PERCPU_ARRAY(stats, struct row_stats, MAX_ROWS);
+BPF_ARRAY(filter_gen, u32, 1);
+BPF_PERCPU_ARRAY(attr_cache, struct attr_entry, 1 << CACHE_BITS);
 
 static __always_inline struct req_key req_key_of(u32 dev, u64 sector, u32 nr_sector)
 {
@@ -129,20 +171,17 @@ static __always_inline u8 op_of(const char *rwbs, u32 nr_sector)
     return OP_OTHER;
 }
 
-static __always_inline int dev_traced(u32 dev)
+static __always_inline void overflowed(u32 slot)
 {
-#if FILTER_DEV
-    return traced_devs.lookup(&dev) != NULL;
-#else
-    return 1;
-#endif
+    u64 *n = overflow.lookup(&slot);
+    if (n)
+        (*n)++;
 }
 
-/* The VM the current task belongs to: its tgid, 0 for other tasks in ALL_IO mode,
+/* The VM a task belongs to: its tgid, 0 for other tasks in ALL_IO mode,
  * -1 (drop) otherwise. */
-static __always_inline s64 submitter_vm(void)
+static __always_inline s64 submitter_vm(u32 tgid)
 {
-    u32 tgid = current_tgid();
     u32 *vm = traced_tgids.lookup(&tgid);
     if (vm)
         return *vm;
@@ -150,85 +189,183 @@ static __always_inline s64 submitter_vm(void)
 }
 
 /* The VM a bio queued on `dev` belongs to: the device's VM if one VM owns it, else the
- * queueing thread's (submitter_vm); -1 (drop) for an untraced device. */
-static __always_inline s64 bio_vm(u32 dev)
+ * queueing thread's (submitter_vm); -1 (drop) for an untraced device.  One lookup
+ * decides both the device filter and the owner. */
+static __always_inline s64 bio_vm(u32 tgid, u32 dev)
 {
-    if (!dev_traced(dev))
-        return -1;
-    u32 *owner = vm_devs.lookup(&dev);
-    if (owner)
+    u32 *owner = devs.lookup(&dev);
+    if (owner && *owner != NO_OWNER)
         return *owner;
-    return submitter_vm();
+    if (FILTER_DEV && !owner)
+        return -1;
+    return submitter_vm(tgid);
 }
 
-static __always_inline void count(u32 tgid, u32 dev, u8 op, u8 what, u64 n)
+/* The next free index below `bound` of counter `which` in `allocated`, or -1. */
+static __always_inline s64 allocate(u32 which, u32 bound)
 {
-    struct count_key k = {};
+    u64 *next = allocated.lookup(&which);
+    if (!next || *next >= bound)
+        return -1;
+    u64 got = __sync_fetch_and_add(next, 1);
+    return got < bound ? got : -1;
+}
+
+static __always_inline s64 devslot_of(u32 dev)
+{
+    u32 *slot = devslots.lookup(&dev);
+    if (slot)
+        return *slot;
+    s64 fresh = allocate(1, MAX_DEVS);
+    if (fresh < 0)
+        return -1;
+    u32 val = fresh;
+    devslots.insert(&dev, &val);        /* another CPU may have won: use its slot */
+    slot = devslots.lookup(&dev);
+    return slot ? *slot : -1;
+}
+
+/* First use of (vm, dev, op): hand out a row (an index lost to a race is only unused). */
+static __always_inline int new_row(struct row_key *k)
+{
+    s64 devslot = devslot_of(k->dev);
+    s64 row = allocate(0, MAX_ROWS);
+    if (devslot < 0 || row < 0)
+        return -1;
+    struct row_ref ref = {};
+    ref.row = row;
+    ref.devslot = devslot;
+    rows.insert(k, &ref);
+    return 0;
+}
+
+static __always_inline struct row_ref *row_of(u32 tgid, u32 dev, u8 op)
+{
+    struct row_key k = {};
     k.tgid = tgid;
     k.dev = dev;
     k.op = op;
-    k.what = what;
-    u64 zero = 0, *c = counts.lookup_or_try_init(&k, &zero);   /* not COUNT_ADD: bcc refuses */
-    if (c)                                                      /* map calls inside macros */
-        *c += n;
+    struct row_ref *ref = rows.lookup(&k);
+    if (ref)
+        return ref;
+    if (new_row(&k) == 0)
+        ref = rows.lookup(&k);
+    if (!ref)
+        overflowed(OVF_ROWS);
+    return ref;
 }
 
-static __always_inline void hist(u32 tgid, u32 dev, u8 op, u8 kind, u64 v)
+static __always_inline struct row_stats *stats_of(u32 row)
 {
-    struct hist_key k = {};
-    k.tgid = tgid;
-    k.dev = dev;
-    k.op = op;
-    k.kind = kind;
-    k.slot = hist_slot(v);
-    u64 zero = 0, *c = hists.lookup_or_try_init(&k, &zero);
-    if (c)
-        (*c)++;
+    return stats.lookup(&row);
+}
+
+/* Fill a start entry's attribution for (vm, dev, op); 0 if it has no row. */
+static __always_inline int attribute(struct req_val *v, u32 tgid, u32 dev, u8 op)
+{
+    struct row_ref *ref = row_of(tgid, dev, op);
+    if (!ref)
+        return 0;
+    v->tgid = tgid;
+    v->op = op;
+    v->row = ref->row;
+    v->devslot = ref->devslot;
+    return 1;
+}
+
+/* Attribute a bio the current task queues on `dev` (bio_vm, row_of), through the cache;
+ * 0: drop it. */
+static __always_inline int attribute_bio(struct req_val *v, u32 dev, u8 op)
+{
+    u32 tgid = current_tgid(), zero = 0;
+    u32 idx = ((tgid * 0x9E3779B1u) ^ dev ^ ((u32)op << 24)) * 0x9E3779B1u >> (32 - CACHE_BITS);
+    u32 *genp = filter_gen.lookup(&zero);
+    struct attr_entry *e = attr_cache.lookup(&idx);
+    if (!genp || !e)
+        return 0;
+    u32 gen = *genp;            /* read before the filters: a later change invalidates */
+    if (!e->used || e->tgid != tgid || e->dev != dev || e->op != op || e->gen != gen) {
+        struct attr_entry fresh = {};
+        s64 vm = bio_vm(tgid, dev);
+        if (vm >= 0) {
+            struct row_ref *ref = row_of(vm, dev, op);
+            if (!ref)
+                return 0;       /* counted; not remembered, so retried */
+            fresh.row = ref->row;
+            fresh.devslot = ref->devslot;
+        }
+        fresh.tgid = tgid;
+        fresh.dev = dev;
+        fresh.gen = gen;
+        fresh.vm = vm < 0 ? -1 : vm;
+        fresh.op = op;
+        fresh.used = 1;
+        *e = fresh;
+    }
+    if (e->vm < 0)
+        return 0;
+    v->tgid = e->vm;
+    v->op = op;
+    v->row = e->row;
+    v->devslot = e->devslot;
+    return 1;
 }
 
 static __always_inline void track(struct req_key *k, struct req_val *v)
 {
-    if (start.update(k, v) != 0) {
-        u32 slot = OVF_START;
-        u64 *n = overflow.lookup(&slot);
-        if (n)
-            (*n)++;
-    }
+    if (start.update(k, v) != 0)
+        overflowed(OVF_START);
 }
 
-static __always_inline void inflight_add(u32 dev, s64 delta, s64 *after)
+static __always_inline s64 inflight_add(u32 devslot, s64 delta)
 {
-    s64 zero = 0, *n = inflight.lookup_or_try_init(&dev, &zero);
+    s64 *n = inflight.lookup(&devslot);
     if (!n)
-        return;
-    s64 before = __sync_fetch_and_add(n, delta);
-    if (after)
-        *after = before + delta;
+        return 0;
+    return __sync_fetch_and_add(n, delta) + delta;
+}
+
+/* A histogram slot that is below `slots`; the empty asm keeps the compiler from dropping
+ * the bound check where it knows better than the verifier (e.g. small sizes). */
+static __always_inline u64 clamp_slot(u64 v, u64 slots)
+{
+    u64 s = hist_slot(v);
+    asm volatile("" : "+r"(s));
+    return s < slots ? s : slots - 1;
 }
 
 TRACEPOINT_PROBE(block, block_bio_queue)
 {
-    s64 vm = bio_vm(args->dev);
-    if (vm < 0)
+    struct req_val v = {};
+    if (!attribute_bio(&v, args->dev, op_of(args->rwbs, args->nr_sector)))
         return 0;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    struct req_val v = {};
     v.queue_ts = bpf_ktime_get_ns();
-    v.tgid = vm;
-    v.op = op_of(args->rwbs, args->nr_sector);
     track(&k, &v);
     return 0;
+}
+
+/* Count a merge of a bio queued on `dev` for its VM. */
+static __always_inline void count_merge(struct req_val *v, int front)
+{
+    struct row_stats *s = stats_of(v->row);
+    if (!s)
+        return;
+    if (front)
+        s->frontmerges++;
+    else
+        s->backmerges++;
 }
 
 /* A bio appended to a request already queued: it completes as part of that request. */
 TRACEPOINT_PROBE(block, block_bio_backmerge)
 {
-    s64 vm = bio_vm(args->dev);
-    if (vm < 0)
+    struct req_val mine = {};
+    if (!attribute_bio(&mine, args->dev, op_of(args->rwbs, args->nr_sector)))
         return 0;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
     start.delete(&k);
-    count(vm, args->dev, op_of(args->rwbs, args->nr_sector), C_BACKMERGE, 1);
+    count_merge(&mine, 0);
     return 0;
 }
 
@@ -236,8 +373,8 @@ TRACEPOINT_PROBE(block, block_bio_backmerge)
  * sector; it keeps the older request's start time. */
 TRACEPOINT_PROBE(block, block_bio_frontmerge)
 {
-    s64 vm = bio_vm(args->dev);
-    if (vm < 0)
+    struct req_val mine = {};
+    if (!attribute_bio(&mine, args->dev, op_of(args->rwbs, args->nr_sector)))
         return 0;
     struct req_key old = req_key_of(args->dev, args->sector + args->nr_sector, args->nr_sector);
     struct req_val *v = start.lookup(&old);
@@ -247,7 +384,7 @@ TRACEPOINT_PROBE(block, block_bio_frontmerge)
         start.delete(&old);
         track(&k, &keep);
     }
-    count(vm, args->dev, op_of(args->rwbs, args->nr_sector), C_FRONTMERGE, 1);
+    count_merge(&mine, 1);
     return 0;
 }
 
@@ -258,12 +395,15 @@ TRACEPOINT_PROBE(block, block_rq_merge)
     struct req_val *v = start.lookup(&k);
     if (!v)
         return 0;
-    count(v->tgid, args->dev, v->op, C_RQMERGE, 1);
+    struct row_stats *s = stats_of(v->row);
+    if (s)
+        s->rq_merges++;
     start.delete(&k);
     return 0;
 }
 
-/* Stacked devices (dm) move a bio to another device and sector without a new queue event. */
+/* Stacked devices (dm) move a bio to another device and sector without a new queue
+ * event: from there on it counts under the new device. */
 TRACEPOINT_PROBE(block, block_bio_remap)
 {
     struct req_key old = req_key_of(args->old_dev, args->old_sector, args->nr_sector);
@@ -273,8 +413,26 @@ TRACEPOINT_PROBE(block, block_bio_remap)
     struct req_val moved = *v;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
     start.delete(&old);
-    track(&k, &moved);
+    if (attribute(&moved, moved.tgid, args->dev, moved.op))
+        track(&k, &moved);
     return 0;
+}
+
+/* ALL_IO: a request not queued while we traced (or a flush machinery request) is
+ * tracked from its issue, as not a VM's. */
+static __always_inline struct req_val *issue_only(struct req_key *k, u32 dev, u8 op)
+{
+#if ALL_IO
+    if (FILTER_DEV && !devs.lookup(&dev))
+        return NULL;
+    struct req_val fresh = {};
+    if (!attribute(&fresh, 0, dev, op))
+        return NULL;
+    track(k, &fresh);
+    return start.lookup(k);
+#else
+    return NULL;
+#endif
 }
 
 TRACEPOINT_PROBE(block, block_rq_issue)
@@ -282,27 +440,18 @@ TRACEPOINT_PROBE(block, block_rq_issue)
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
     struct req_val *v = start.lookup(&k);
     if (!v) {
-#if ALL_IO
-        /* Not queued while we traced (or a flush machinery request): issue time only. */
-        if (!dev_traced(args->dev))
-            return 0;
-        struct req_val fresh = {};
-        fresh.op = op_of(args->rwbs, args->nr_sector);
-        track(&k, &fresh);
-        v = start.lookup(&k);
+        v = issue_only(&k, args->dev, op_of(args->rwbs, args->nr_sector));
         if (!v)
             return 0;
-#else
-        return 0;
-#endif
     }
     v->issue_ts = bpf_ktime_get_ns();
     if (v->issued)
         return 0;
     v->issued = 1;
-    s64 depth = 0;
-    inflight_add(args->dev, 1, &depth);
-    hist(v->tgid, args->dev, v->op, K_DEPTH, depth > 0 ? depth : 0);
+    s64 depth = inflight_add(v->devslot, 1);
+    struct row_stats *s = stats_of(v->row);
+    if (s)
+        s->depth[clamp_slot(depth > 0 ? depth : 0, DEPTH_SLOTS)]++;
     return 0;
 }
 
@@ -315,9 +464,11 @@ TRACEPOINT_PROBE(block, block_rq_requeue)
         return 0;
     if (v->issued) {
         v->issued = 0;
-        inflight_add(args->dev, -1, NULL);
+        inflight_add(v->devslot, -1);
     }
-    count(v->tgid, args->dev, v->op, C_REQUEUE, 1);
+    struct row_stats *s = stats_of(v->row);
+    if (s)
+        s->requeues++;
     return 0;
 }
 
@@ -330,18 +481,19 @@ TRACEPOINT_PROBE(block, block_rq_complete)
     u64 now = bpf_ktime_get_ns();
     struct req_val v = *found;
     start.delete(&k);
-    u32 dev = args->dev;
+    if (v.issued)
+        inflight_add(v.devslot, -1);
+    struct row_stats *s = stats_of(v.row);
+    if (!s)
+        return 0;
     if (v.queue_ts)
-        hist(v.tgid, dev, v.op, K_QUEUE, now - v.queue_ts);
-    if (v.issued) {
-        hist(v.tgid, dev, v.op, K_ISSUE, now - v.issue_ts);
-        inflight_add(dev, -1, NULL);
-    }
+        s->queue[clamp_slot(now - v.queue_ts, LAT_SLOTS)]++;
+    if (v.issued)
+        s->issue[clamp_slot(now - v.issue_ts, LAT_SLOTS)]++;
     u64 bytes = (u64)args->nr_sector << 9;
-    hist(v.tgid, dev, v.op, K_SIZE, bytes);
-    count(v.tgid, dev, v.op, C_REQUESTS, 1);
-    count(v.tgid, dev, v.op, C_BYTES, bytes);
+    s->size[clamp_slot(bytes, SIZE_SLOTS)]++;
+    s->bytes += bytes;
     if (args->error)
-        count(v.tgid, dev, v.op, C_ERRORS, 1);
+        s->errors++;
     return 0;
 }

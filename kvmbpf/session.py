@@ -45,7 +45,8 @@ class _StopSignals:
     """SIGINT/SIGTERM end the run: at once while sleeping, after the read while reading.
 
     A signal that lands in the middle of snapshot() or emit() must not lose that
-    interval, so it only sets a flag there; the loop stops after emitting.
+    interval, so it only sets a flag there; the loop then emits once more, covering
+    what arrived during that read, and stops.
     """
 
     def __init__(self) -> None:
@@ -73,6 +74,7 @@ def run(collector: Collector, timing: Timing, emit: Callable[[object], None],
     """Drive a collector: emit one snapshot per interval; returns the number emitted."""
     emitted = 0
     start = time.monotonic()
+    stopped_before_read = False
     try:
         with _StopSignals() as signals:
             while not signals.requested:
@@ -88,7 +90,11 @@ def run(collector: Collector, timing: Timing, emit: Callable[[object], None],
                     signals.sleeping = False
                 if on_tick and not signals.requested:
                     on_tick()
+                stopped_before_read = signals.requested
                 emit(collector.snapshot())
+                emitted += 1
+            if signals.requested and not stopped_before_read:
+                emit(collector.snapshot())      # what arrived while the last one was read
                 emitted += 1
     finally:
         collector.close()

@@ -5,14 +5,16 @@ one VM has that block device open (blk-throttle's held-back bios are queued by
 a kworker, not by the VM), else by the queueing thread's process (the VMM's
 threads); the BPF side carries the VM to the completion.
 Two latencies per request: queue -> complete (what the VM waited for on the
-host) and issue -> complete (the device alone).  Maps hold cumulative
-histograms and counters keyed (vm pid, dev_t, operation); this side turns them
-into per-interval deltas with VM and device names.  block_bio_queue fires after
+host) and issue -> complete (the device alone).  The kernel side keeps one
+cumulative row of counters and histograms per (vm pid, dev_t, operation) in a
+per-CPU array (`rows` maps the key to its index); this side turns rows into
+per-interval deltas with VM and device names.  block_bio_queue fires after
 a cgroup I/O limit (blk-throttle) released the bio, so time spent held back by
 such a limit is in neither latency.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import stat
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..bpf import key_tuple
 from ..errors import KvmbpfError
 from ..hist import Histogram
 from ..inventory import VM, block_device_name, kernel_dev
@@ -29,12 +32,15 @@ from .base import BaseCollector, Scope, histograms
 
 #: Operation codes of blk.bpf.c (OP_*), in order.
 OPS = ("read", "write", "flush", "discard", "other")
-#: Histogram kinds of blk.bpf.c (K_*).
-QUEUE, ISSUE, SIZE, DEPTH = range(4)
-#: Counters of blk.bpf.c (C_*), in order.
-COUNTERS = ("requests", "bytes", "errors", "backmerges", "frontmerges", "rq_merges", "requeues")
-#: Start-map bound and the age after which an entry is taken as never completing.
+#: Histograms of blk.bpf.c's struct row_stats (field names), by kind index.
+KINDS = ("queue", "issue", "size", "depth")
+QUEUE, ISSUE, SIZE, DEPTH = range(len(KINDS))
+#: Counters of struct row_stats (field names); requests = the size histogram's count.
+COUNTERS = ("bytes", "errors", "backmerges", "frontmerges", "rq_merges", "requeues")
+#: Start-map bound, stats rows ((vm, device, op) combinations: ~17 KB each per CPU), and
+#: the age after which an entry is taken as never completing.
 MAX_REQS = 16384
+MAX_ROWS = 64
 STALE_NS = 30 * 10**9
 HOST = "host"   # label of I/O from processes that are not VMs (--all)
 
@@ -136,7 +142,7 @@ class BlkSnapshot:
     interval_s: float
     ops: list[OpStats]
     devices: list[DeviceStats]
-    overflow: int                  # requests not tracked since start (start map full)
+    overflow: int                  # requests not tracked since start (start map or rows full)
     missed: int                    # events the kernel kept from the programs this interval
     expired: int                   # tracked requests dropped since start: no completion in 30 s
     _metrics: list[Metric] = field(default_factory=list)
@@ -152,7 +158,8 @@ class BlkSnapshot:
     def tables(self, top: int) -> list[TableData]:
         notes = []
         if self.overflow:
-            notes.append(f"{self.overflow} requests not tracked (start map full)")
+            notes.append(f"{self.overflow} requests not tracked (start map full, or more than "
+                         f"{MAX_ROWS} vm/device/op rows)")
         if self.expired:
             notes.append(f"{self.expired} requests dropped without completion after 30 s")
         if self.missed:
@@ -191,6 +198,48 @@ def _size_p50(ops: list[OpStats], dev: DeviceStats) -> str:
     return f"{total.percentiles()['p50'] / 1024:.3g}K" if total.count else "-"
 
 
+#: Where each field of struct row_stats lies in a row read as u64s: name -> (start, length).
+Layout = dict[str, tuple[int, int]]
+
+
+def row_layout(leaf: type[ctypes.Structure]) -> Layout:
+    """The layout of the compiled struct row_stats, from the type bcc built from it."""
+    out = {}
+    for name, ctype in leaf._fields_:
+        out[name] = (getattr(leaf, name).offset // 8, ctypes.sizeof(ctype) // 8)
+    return out
+
+
+def sum_cpus(raw: bytes, ncpus: int) -> list[int]:
+    """One per-CPU array value (ncpus copies of a struct of u64s) summed over CPUs."""
+    words = memoryview(raw).cast("Q")
+    width = len(words) // ncpus
+    return [sum(col) for col in zip(*(words[c * width:(c + 1) * width] for c in range(ncpus)))]
+
+
+def row_counts(refs: dict[tuple[int, int, int], int], rows: dict[int, list[int]],
+               layout: Layout) -> tuple[dict[tuple, int], dict[tuple, int]]:
+    """Stats rows (index -> summed u64s) of the keys in refs ((tgid, dev, op) -> index) as
+    the rows build_stats takes: hists keyed (tgid, dev, op, kind, slot), counts keyed
+    (tgid, dev, op, counter)."""
+    hists: dict[tuple, int] = {}
+    counts: dict[tuple, int] = {}
+    for key, index in refs.items():
+        words = rows.get(index)
+        if words is None:
+            continue
+        for what, name in enumerate(COUNTERS):
+            n = words[layout[name][0]]
+            if n:
+                counts[key + (what,)] = n
+        for kind, name in enumerate(KINDS):
+            first, length = layout[name]
+            for slot, n in enumerate(words[first:first + length]):
+                if n:
+                    hists[key + (kind, slot)] = n
+    return hists, counts
+
+
 def build_stats(hists: dict[tuple, int], counts: dict[tuple, int], vm_name: Callable[[int], str],
                 dev_name: Callable[[int], str]) -> tuple[list[OpStats], list[DeviceStats]]:
     """Rows from the maps' contents: hists keyed (tgid, dev, op, kind, slot),
@@ -207,13 +256,14 @@ def build_stats(hists: dict[tuple, int], counts: dict[tuple, int], vm_name: Call
         c = counters.get((tgid, dev, op), {})
         h = {kind: by_kind.get((tgid, dev, op, kind), Histogram()) for kind in range(4)}
         name, devname, majmin = vm_name(tgid), dev_name(dev), "%d:%d" % split_dev(dev)
-        if c.get("requests") or h[SIZE].count:
+        requests = h[SIZE].count            # one size sample per completed request
+        if requests:
             ops.append(OpStats(name, tgid, devname, majmin, OPS[op] if op < len(OPS) else f"op{op}",
-                               c.get("requests", 0), c.get("bytes", 0), c.get("errors", 0),
+                               requests, c.get("bytes", 0), c.get("errors", 0),
                                h[QUEUE], h[ISSUE], h[SIZE]))
         d = devices.setdefault((tgid, dev), DeviceStats(name, tgid, devname, majmin, 0, Histogram(),
                                                         0, 0, 0, 0, 0))
-        d.requests += c.get("requests", 0)
+        d.requests += requests
         d.depth = d.depth + h[DEPTH]
         for attr in ("backmerges", "frontmerges", "rq_merges", "requeues", "errors"):
             setattr(d, attr, getattr(d, attr) + c.get(attr, 0))
@@ -254,16 +304,27 @@ class BlkCollector(BaseCollector):
             raise KvmbpfError("--all traces every process's I/O: leave out --vm/--pid")
         if scope.vcpus:
             raise KvmbpfError("--vcpu does not apply to blk (VM I/O is submitted by VMM threads)")
-        self.devs = {kernel_dev(major, minor): 1 for major, minor in devices}
+        self.devs = [kernel_dev(major, minor) for major, minor in devices]
         self.all_io = all_io
         self.expired = 0
         super().__init__(scope, {"ALL_IO": int(all_io), "FILTER_DEV": int(bool(self.devs)),
-                                 "MAX_REQS": MAX_REQS})
-        self.program.fill("traced_devs", self.devs)
+                                 "MAX_REQS": MAX_REQS, "MAX_ROWS": MAX_ROWS})
+        table = self.program.table("stats")
+        self.layout = row_layout(table.sLeaf)
 
     def update_filters(self) -> None:
         super().update_filters()
-        self.program.fill("vm_devs", vm_devices(self.scope.vms, self.scope.inv.vms))
+        self.program.fill("devs", device_map(vm_devices(self.scope.vms, self.scope.inv.vms),
+                                             self.devs))
+        gen = self.program.table("filter_gen")    # after the fills: drops cached attributions
+        gen[0] = gen.Leaf(gen[0].value + 1)
+
+    def read_rows(self) -> tuple[dict[tuple, int], dict[tuple, int]]:
+        """Cumulative (hists, counts) rows from the kernel's per-(vm, dev, op) stats."""
+        table = self.program.table("stats")
+        refs = {key_tuple(k): v.row for k, v in self.program.read_raw("rows")}
+        rows = {index: sum_cpus(bytes(table[index]), table.total_cpu) for index in set(refs.values())}
+        return row_counts(refs, rows, self.layout)
 
     def vm_name(self, tgid: int) -> str:
         return HOST if tgid == 0 else self.scope.vm_name(tgid)
@@ -272,8 +333,9 @@ class BlkCollector(BaseCollector):
         self.refresh()
         self.expire()
         elapsed = self.interval.tick()
-        ops, devices = build_stats(self.read_delta("hists"), self.read_delta("counts"),
-                                   self.vm_name, device_label)
+        hists, counts = self.read_rows()
+        ops, devices = build_stats(self.interval.counts("hists", hists),
+                                   self.interval.counts("counts", counts), self.vm_name, device_label)
         cumulative = self.interval.last_counts
         metrics = op_metrics(*build_stats(cumulative.get("hists", {}), cumulative.get("counts", {}),
                                           self.vm_name, device_label))
@@ -294,6 +356,18 @@ class BlkCollector(BaseCollector):
             if now - max(val.queue_ts, val.issue_ts) > STALE_NS:
                 table.pop(key, None)
                 self.expired += 1
+
+
+#: `devs` value of a traced device that no single VM owns (NO_OWNER in blk.bpf.c).
+NO_OWNER = 0xFFFFFFFF
+
+
+def device_map(owners: dict[int, int], traced: list[int]) -> dict[int, int]:
+    """`devs` content: with --dev, exactly those devices (owner VM or NO_OWNER, a miss
+    drops the event); without, the VM-owned devices (a miss: attribute by thread)."""
+    if not traced:
+        return owners
+    return {dev: owners.get(dev, NO_OWNER) for dev in traced}
 
 
 def device_filter(specs: tuple[str, ...]) -> tuple[tuple[int, int], ...]:

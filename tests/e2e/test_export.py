@@ -94,9 +94,10 @@ def test_prometheus_scrapes_and_quantile_matches_json(lab, tmp_path):
     vm = lab.start_vm(name, "exits", {"PIO_COUNT": PIO_COUNT, "DELAY_MS": 100, "ROUNDS": 0})
     port = free_port()
     before_start = vm.markers().count("begin")
+    out_file = open(tmp_path / "export.out", "w+")     # a file, not a pipe: never blocks the writer
     export = subprocess.Popen([sys.executable, "-m", "kvmbpf", "export", "--port", str(port),
                                "--vm", name, "--collector", "exits", "--json", "1"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=ROOT, stdout=out_file, stderr=subprocess.PIPE, text=True)
     prom = None
     try:
         wait_http(f"http://127.0.0.1:{port}/metrics")
@@ -127,7 +128,10 @@ def test_prometheus_scrapes_and_quantile_matches_json(lab, tmp_path):
         if prom is not None:
             prom.stop()
         export.send_signal(signal.SIGTERM)
-        out, err = export.communicate(timeout=30)
+        _, err = export.communicate(timeout=30)
+        out_file.seek(0)
+        out = out_file.read()
+        out_file.close()
     assert export.returncode == 0, err
     assert not (ours & tracing_prog_ids()), "export left its BPF programs loaded"
 
@@ -172,7 +176,7 @@ def test_export_serves_health_and_escapes_names(lab):
     lab.start_vm(name, "exits", {"PIO_COUNT": 50, "DELAY_MS": 100, "ROUNDS": 0})
     port = free_port()
     export = subprocess.Popen([sys.executable, "-m", "kvmbpf", "export", "--port", str(port),
-                               "--vm", name, "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                               "--vm", name, "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/metrics")
@@ -186,7 +190,7 @@ def test_export_serves_health_and_escapes_names(lab):
             get(f"http://127.0.0.1:{port}/nope")
     finally:
         export.send_signal(signal.SIGINT)
-        out, err = export.communicate(timeout=30)
+        _, err = export.communicate(timeout=30)
     assert export.returncode == 0, err
     escaped = name.replace("\\", "\\\\").replace('"', '\\"')
     assert f'vm="{escaped}"' in text
