@@ -20,7 +20,8 @@
  * slots are handed out here on first use (never freed: cumulative).  At queue, the
  * whole attribution (filters, owner, row) of (task's tgid, dev, op) is remembered in a
  * small per-CPU direct-mapped cache, valid while `filter_gen` (bumped by Python after
- * it changes a filter map) is unchanged: a hit replaces three hash lookups.
+ * it changes a filter map) is unchanged: a hit replaces three hash lookups.  Per-CPU, so
+ * no torn entries: the kernel never nests two tracepoint programs on one CPU.
  *
  * Parameters (-D, integers):
  *   ALL_IO      1: every process's I/O (VMs labelled, the rest as tgid 0)
@@ -113,6 +114,13 @@ struct attr_entry {
     u8 used;
 };
 
+/* A device's in-flight count, alone on its cache line: issue and completion on different
+ * CPUs move the line between them, and other devices' counts should not move with it. */
+struct inflight_count {
+    s64 n;
+    u64 __pad[7];
+};
+
 /* Everything counted for one (vm, dev, op); requests = the size histogram's count.
  * Field names are read by kvmbpf/collectors/blk.py. */
 struct row_stats {
@@ -135,7 +143,7 @@ BPF_HASH(start, struct req_key, struct req_val, MAX_REQS);
 BPF_HASH(rows, struct row_key, struct row_ref, MAX_ROWS);
 BPF_HASH(devslots, u32, u32, MAX_DEVS);
 BPF_ARRAY(allocated, u64, 2);            /* [0] rows, [1] device slots handed out */
-BPF_ARRAY(inflight, s64, MAX_DEVS);
+BPF_ARRAY(inflight, struct inflight_count, MAX_DEVS);
 BPF_PERCPU_ARRAY(stats, struct row_stats, MAX_ROWS);
 BPF_ARRAY(filter_gen, u32, 1);
 BPF_PERCPU_ARRAY(attr_cache, struct attr_entry, 1 << CACHE_BITS);
@@ -319,10 +327,10 @@ static __always_inline void track(struct req_key *k, struct req_val *v)
 
 static __always_inline s64 inflight_add(u32 devslot, s64 delta)
 {
-    s64 *n = inflight.lookup(&devslot);
-    if (!n)
+    struct inflight_count *c = inflight.lookup(&devslot);
+    if (!c)
         return 0;
-    return __sync_fetch_and_add(n, delta) + delta;
+    return __sync_fetch_and_add(&c->n, delta) + delta;
 }
 
 /* A histogram slot that is below `slots`; the empty asm keeps the compiler from dropping

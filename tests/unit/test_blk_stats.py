@@ -1,9 +1,13 @@
 """kvmbpf blk: device parsing, map rows -> per-VM/device stats, argument checks (no BPF)."""
+import ctypes
+
 import pytest
 
 from kvmbpf.collectors.base import Scope
-from kvmbpf.collectors.blk import (DEPTH, ISSUE, OPS, QUEUE, SIZE, BlkCollector, BlkSnapshot,
-                                   build_stats, op_metrics, parse_device, split_dev, vm_devices)
+from kvmbpf.collectors.blk import (COUNTERS, DEPTH, ISSUE, KINDS, NO_OWNER, OPS, QUEUE, SIZE,
+                                   BlkCollector, BlkSnapshot, build_stats, device_map, op_metrics,
+                                   parse_device, row_counts, row_layout, split_dev, sum_cpus,
+                                   vm_devices)
 from kvmbpf.errors import KvmbpfError
 from kvmbpf.hist import slot_of
 from kvmbpf.inventory import VM, Disk, kernel_dev
@@ -49,11 +53,53 @@ def _rows():
         (100, LOOP3, FLUSH, DEPTH, 1): 2,
         (0, SDA, WRITE, ISSUE, slot_of(90_000)): 1, (0, SDA, WRITE, SIZE, slot_of(4096)): 1,
     }
-    counts = {(100, LOOP3, READ, 0): 4, (100, LOOP3, READ, 1): 2048, (100, LOOP3, READ, 3): 5,
-              (100, LOOP3, FLUSH, 0): 2, (100, LOOP3, FLUSH, 2): 1, (100, LOOP3, FLUSH, 6): 1,
-              (0, SDA, WRITE, 0): 1, (0, SDA, WRITE, 1): 4096}
+    c = COUNTERS.index
+    counts = {(100, LOOP3, READ, c("bytes")): 2048, (100, LOOP3, READ, c("backmerges")): 5,
+              (100, LOOP3, FLUSH, c("errors")): 1, (100, LOOP3, FLUSH, c("requeues")): 1,
+              (0, SDA, WRITE, c("bytes")): 4096}
     return build_stats(hists, counts, {100: "web", 0: "host"}.__getitem__,
                        {LOOP3: "loop3", SDA: "sda"}.__getitem__)
+
+
+def test_requests_are_the_size_histograms_count():
+    """One size sample per completed request: a row with latencies but no size has none."""
+    ops, _ = build_stats({(1, LOOP3, READ, SIZE, slot_of(512)): 3, (1, LOOP3, WRITE, QUEUE, 9): 2},
+                         {}, str, str)
+    assert [(o.op, o.requests) for o in ops] == [("read", 3)]
+
+
+class RowStats(ctypes.Structure):
+    """Like bcc's type for blk.bpf.c's struct row_stats, with short histograms."""
+    _fields_ = [(name, ctypes.c_uint64) for name in COUNTERS] + \
+               [(name, ctypes.c_uint64 * n) for name, n in zip(KINDS, (20, 20, 16, 8))]
+
+
+def test_stats_rows_become_hist_and_counter_rows():
+    """A per-CPU row, summed over CPUs, read by the compiled struct's field names."""
+    layout = row_layout(RowStats)
+    assert layout["bytes"] == (0, 1) and layout["queue"] == (len(COUNTERS), 20)
+    cpu0, cpu1 = RowStats(), RowStats()
+    cpu0.bytes, cpu1.bytes, cpu1.requeues = 512, 1024, 1
+    cpu0.queue[slot_of(17)] = 2
+    cpu1.queue[slot_of(17)] = 1
+    cpu1.size[5] = 3
+    cpu0.depth[1] = 3
+    words = sum_cpus(bytes(cpu0) + bytes(cpu1), 2)
+    assert words[layout["bytes"][0]] == 1536
+    hists, counts = row_counts({(100, LOOP3, READ): 5}, {5: words}, layout)
+    assert counts == {(100, LOOP3, READ, COUNTERS.index("bytes")): 1536,
+                      (100, LOOP3, READ, COUNTERS.index("requeues")): 1}
+    assert hists[(100, LOOP3, READ, QUEUE, slot_of(17))] == 3
+    assert hists[(100, LOOP3, READ, DEPTH, 1)] == 3
+    assert hists[(100, LOOP3, READ, SIZE, 5)] == 3 and len(hists) == 3
+    assert row_counts({(1, 2, 3): 7}, {5: words}, layout) == ({}, {})   # row not read yet
+
+
+def test_device_map_filters_only_with_dev():
+    owners = {LOOP3: 100}
+    assert device_map(owners, []) == owners
+    assert device_map(owners, [LOOP3, SDA]) == {LOOP3: 100, SDA: NO_OWNER}
+    assert device_map({}, [SDA]) == {SDA: NO_OWNER}
 
 
 def test_build_stats_rows_per_vm_device_op():

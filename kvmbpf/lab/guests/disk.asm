@@ -12,8 +12,7 @@ BUFFER_SEG equ 0x2000           ; 0x20000: free conventional memory for the sect
 
 stage2:
         mark "ready"
-        mov ebp, ROUNDS
-round:
+        rounds_begin
         delay_ms DELAY_MS
         mark "begin"
         mov dword [dap_lba], FIRST_LBA
@@ -26,11 +25,7 @@ round:
         call transfer
         end_times
         mark "end"
-        test ebp, ebp
-        jz round                ; ROUNDS = 0: forever
-        dec ebp
-        jnz round
-        mark "done"
+        rounds_end
         finish
 
 ; transfer: one sector at [dap_lba] with int 13h function AH (42h read, 43h write), then

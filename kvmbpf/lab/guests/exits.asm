@@ -13,14 +13,10 @@
 stage2:
         enter_unreal
         mark "ready"
-        mov ebp, ROUNDS
-round:
+        rounds_begin
         mark "begin"
         cld
-        times_ecx PIO_COUNT
-        mov dx, PIO_PORT
-        out dx, al
-        end_times
+        port_writes PIO_COUNT, PIO_PORT
 
         in al, 0x21
         mov bl, al
@@ -53,9 +49,5 @@ round:
 
         mark "end"
         delay_ms DELAY_MS
-        test ebp, ebp
-        jz round                ; ROUNDS = 0: forever
-        dec ebp
-        jnz round
-        mark "done"
+        rounds_end
         finish

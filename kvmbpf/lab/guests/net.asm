@@ -73,8 +73,7 @@ stage2:
         jc dhcp_failed
         mark "dhcp-ack"
         call build_udp
-        mov ebp, ROUNDS
-round:
+        rounds_begin
         mark "begin"
         times_ecx UDP_COUNT
         push ecx
@@ -85,11 +84,7 @@ round:
         mark "end"
         call rx_drain
         delay_ms DELAY_MS
-        test ebp, ebp
-        jz round                ; ROUNDS = 0: forever
-        dec ebp
-        jnz round
-        mark "done"
+        rounds_end
 stop:   finish
 dhcp_failed:
         mark "dhcp-failed"

@@ -23,10 +23,7 @@ spin:   mov ecx, 0x100000
 spun:
         mark "begin"
         cld
-        times_ecx PIO_COUNT
-        mov dx, PIO_PORT
-        out dx, al
-        end_times
+        port_writes PIO_COUNT, PIO_PORT
 
         mov edi, MMIO_ADDR
         times_ecx MMIO_COUNT
