@@ -15,45 +15,21 @@ Run as root: .venv/bin/python benchmarks/blk_bench.py [seconds]
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kvmbpf.bpf import bpf_syscall  # noqa: E402
+import bpfstats  # noqa: E402  (benchmarks/, next to this file)
 
 EVENTS = ("block_bio_queue", "block_bio_backmerge", "block_bio_frontmerge", "block_bio_remap",
           "block_rq_merge", "block_rq_issue", "block_rq_requeue", "block_rq_complete")
-BPF_ENABLE_STATS, BPF_STATS_RUN_TIME = 32, 0
 MODES = ("empty", "bpftrace", "kvmbpf")
-
-
-def enable_stats() -> int:
-    """An fd that keeps run-time statistics on until closed (Linux 5.8+)."""
-    fd = bpf_syscall(BPF_ENABLE_STATS, ctypes.create_string_buffer(struct.pack("I", BPF_STATS_RUN_TIME)))
-    if fd < 0:
-        raise SystemExit(f"BPF_ENABLE_STATS failed: {os.strerror(-fd)}")
-    return fd
-
-
-def programs() -> dict[int, dict]:
-    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True,
-                         check=True).stdout
-    return {p["id"]: p for p in json.loads(out)}
-
-
-def event_of(prog_name: str) -> str | None:
-    """bcc names programs tracepoint__block__<event>, bpftrace <event> (15 characters)."""
-    name = prog_name.removeprefix("tracepoint__block__")
-    return next((e for e in EVENTS if e[:15] == name[:15]), None)
 
 
 def fio(device: str, seconds: float) -> int:
@@ -81,23 +57,20 @@ def tracer_command(mode: str, device: str, dev: int) -> tuple[list[str], str]:
     return ["bpftrace", "-e", script], "Attaching"
 
 
-def start(mode: str, device: str, dev: int) -> tuple[subprocess.Popen, set[int]]:
-    """Start a tracer, wait until attached; its programs are the block programs that appeared
-    (bpftrace prints its banner before it loads them: wait for all of them)."""
-    before = set(programs())
+def start(mode: str, device: str, dev: int) -> tuple[subprocess.Popen, dict[int, str]]:
+    """Start a tracer, wait until all its block programs are attached (bpftrace prints its
+    banner before it attaches them)."""
     cmd, ready = tracer_command(mode, device, dev)
     proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = proc.stdout.readline()
     if not line.startswith(ready):
         proc.kill()
         raise SystemExit(f"{mode}: tracer did not start ({line!r})")
-    for _ in range(100):
-        ids = {i for i, p in programs().items() if i not in before and event_of(p.get("name", ""))}
-        if len(ids) == PROGRAMS[mode]:
-            return proc, ids
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"{mode}: {len(ids)} block programs appeared, not {PROGRAMS[mode]}")
+    try:
+        return proc, bpfstats.wait_attached(proc.pid, PROGRAMS[mode])
+    except SystemExit:
+        proc.kill()
+        raise
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -109,19 +82,19 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def report(stats: dict[str, dict[str, tuple[int, int]]], requests: int, seconds: float) -> None:
-    """stats: mode -> event -> (run_time_ns, run_cnt)."""
+def report(stats: dict[str, dict[str, bpfstats.Cost]], requests: int, seconds: float) -> None:
+    """stats: mode -> tracepoint -> its programs' cost."""
     print(f"fio psync 4k randread, loop device over tmpfs, {seconds:g}s: {requests} requests; "
           "all tracers attached at once")
     print(f"{'tracepoint':22}" + "".join(f"{m + ' ns/ev':>16}" for m in MODES) + f"{'events':>10}")
     for event in EVENTS:
         cells = [stats[m].get(event) for m in MODES]
-        if not any(c and c[1] for c in cells):
+        if not any(c and c.runs for c in cells):
             continue
-        runs = max(c[1] for c in cells if c)
-        print(f"{event:22}" + "".join(f"{c[0] / c[1]:16.1f}" if c and c[1] else f"{'-':>16}"
+        runs = max(c.runs for c in cells if c)
+        print(f"{event:22}" + "".join(f"{c.per_event:16.1f}" if c and c.runs else f"{'-':>16}"
                                       for c in cells) + f"{runs:10}")
-    per_req = {m: sum(t for t, _ in stats[m].values()) / requests for m in MODES}
+    per_req = {m: sum(c.ns for c in stats[m].values()) / requests for m in MODES}
     print(f"{'per request (ns)':22}" + "".join(f"{per_req[m]:16.1f}" for m in MODES))
     for m in ("bpftrace", "kvmbpf"):
         print(f"{m} / empty = {per_req[m] / per_req['empty']:.2f}")
@@ -130,30 +103,26 @@ def report(stats: dict[str, dict[str, tuple[int, int]]], requests: int, seconds:
 
 def main() -> None:
     seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10
-    stats_fd = enable_stats()
     tracers: list[subprocess.Popen] = []
-    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvmbpf-blkbench-") as backing:
+    with bpfstats.enabled(), tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvmbpf-blkbench-") as backing:
         backing.truncate(64 << 20)
         device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", backing.name],
                                 capture_output=True, text=True, check=True).stdout.strip()
         try:
             st = os.stat(device)
             dev = (os.major(st.st_rdev) << 20) | os.minor(st.st_rdev)
-            owned: dict[str, set[int]] = {}
+            owned: dict[str, dict[int, str]] = {}
             for mode in MODES:
                 proc, owned[mode] = start(mode, device, dev)
                 tracers.append(proc)
-            before = programs()
+            before = bpfstats.totals()
             requests = fio(device, seconds)
-            after = programs()
+            after = bpfstats.totals()
         finally:
             for proc in tracers:
                 stop(proc)
             subprocess.run(["losetup", "-d", device], check=False)
-            os.close(stats_fd)
-    stats = {m: {event_of(after[i]["name"]): (
-        after[i].get("run_time_ns", 0) - before[i].get("run_time_ns", 0),
-        after[i].get("run_cnt", 0) - before[i].get("run_cnt", 0)) for i in ids} for m, ids in owned.items()}
+    stats = {m: bpfstats.per_event(before, after, progs) for m, progs in owned.items()}
     report(stats, requests, seconds)
 
 

@@ -26,6 +26,10 @@ class Group(click.Group):
         except KvmbpfError as exc:
             click.echo(f"kvmbpf: error: {exc}", err=True)
             sys.exit(2)
+        except PermissionError as exc:
+            click.echo(f"kvmbpf: error: permission denied: {exc.filename or exc} "
+                       "(kvmbpf needs root, or CAP_BPF and CAP_PERFMON)", err=True)
+            sys.exit(2)
         except click.exceptions.Abort:
             sys.exit(130)
         except click.ClickException as exc:

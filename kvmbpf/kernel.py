@@ -230,7 +230,8 @@ def _collector_status(rep: Report) -> dict[str, str | None]:
     status: dict[str, str | None] = {}
     for collector, tps in COLLECTOR_TRACEPOINTS.items():
         required = tps[:3] if collector == "exits" else tps[:2]
-        missing = [f"{g}:{n}" for g, n in required if not tracefs.tracepoint_exists(g, n)]
+        missing = [] if "tracefs" in base else [  # unreadable tracefs: no tracepoint is knowable
+            f"{g}:{n}" for g, n in required if not tracefs.tracepoint_exists(g, n)]
         why = ", ".join(base + missing) or None
         status[collector] = f"needs {why}" if why else None
     status["qemu"] = None if by_name["uprobes"].ok and not base else "needs " + ", ".join(

@@ -21,8 +21,12 @@ TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 def tracefs_root(mount: bool = True) -> Path:
     """Return the tracefs mount point, mounting it if missing and allowed."""
     for cand in TRACEFS_CANDIDATES:
-        if Path(cand, "events").is_dir():
-            return Path(cand)
+        try:
+            if Path(cand, "events").is_dir():
+                return Path(cand)
+        except PermissionError:
+            raise KvmbpfError(f"{cand} is not readable: kvmbpf needs root "
+                              "(or CAP_BPF and CAP_PERFMON with access to tracefs)") from None
     if mount and os.geteuid() == 0:
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS_CANDIDATES[0]],
                        capture_output=True, check=False)

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from conftest import process_gone, run_kvmbpf, unique
@@ -72,3 +73,28 @@ def test_bad_input_is_one_line_and_exit_2():
         res = run_kvmbpf(*args)
         assert res.rc == 2, (args, res.rc, res.err)
         assert len(res.err.strip().splitlines()) == 1 and "Traceback" not in res.err, res.err
+
+
+def as_nobody(*args: str) -> subprocess.CompletedProcess:
+    """The real CLI without privileges (uid/gid 65534, no capabilities)."""
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           sys.executable, "-m", "kvmbpf", *args], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+
+
+def test_without_root_tracing_is_one_line_and_exit_2():
+    for args in (["exits", "-d", "1"], ["steal", "-d", "1"], ["blk", "-d", "1"], ["net", "-d", "1"],
+                 ["lab", "up", "--id", "nobody"]):
+        res = as_nobody(*args)
+        assert res.returncode == 2, (args, res.returncode, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+        assert "root" in res.stderr
+
+
+def test_without_root_doctor_says_why_nothing_can_trace():
+    res = as_nobody("doctor", "--json")
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert not checks["privileges"]["ok"] and "root" in checks["privileges"]["fix"]
+    assert report["collectors"]["exits"] and "privileges" in report["collectors"]["exits"]
