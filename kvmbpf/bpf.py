@@ -142,7 +142,7 @@ class Program:
             bpf.cleanup()
 
     def table(self, name: str):
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def attach_uprobe(self, binary: str, sym: str, fn_name: str, ret: bool = False) -> None:
         """Attach handler fn_name to a function of a binary (every process; filter in BPF)."""
@@ -171,7 +171,7 @@ class Program:
 
     def fill(self, map_name: str, entries: dict[int, int]) -> None:
         """Make an integer->integer filter map hold exactly `entries`."""
-        table = self.bpf[map_name]
+        table = self.bpf[map_name.encode()]
         current = {k.value: v.value for k, v in table.items()}
         for key in set(current) - set(entries):
             del table[table.Key(key)]
@@ -181,7 +181,7 @@ class Program:
 
     def read(self, map_name: str) -> dict[tuple, int]:
         """All entries of a counter map, per-CPU values summed, keys as tuples (one batch)."""
-        table = self.bpf[map_name]
+        table = self.bpf[map_name.encode()]
         out: dict[tuple, int] = {}
         for key, val in _items(table):
             total = sum(val) if hasattr(val, "_length_") else getattr(val, "value", val)
@@ -190,7 +190,7 @@ class Program:
 
     def read_raw(self, map_name: str) -> list[tuple[Any, Any]]:
         """All entries with their ctypes values (for struct-valued maps)."""
-        return list(_items(self.bpf[map_name]))
+        return list(_items(self.bpf[map_name.encode()]))
 
 
 def _items(table) -> Iterator[tuple[Any, Any]]:
