@@ -100,11 +100,3 @@ class Histogram:
     def buckets_as_list(self) -> list[list[int]]:
         """[[slot, count], ...] sorted: the histogram's JSON form (bounds from hist.slot_bounds)."""
         return [[slot, n] for slot, n in sorted(self.buckets.items())]
-
-    def prometheus_buckets(self) -> list[tuple[int, int]]:
-        """Cumulative (upper bound, count) pairs: Prometheus `le` buckets from the layout."""
-        running, out = 0, []
-        for slot in sorted(self.buckets):
-            running += self.buckets[slot]
-            out.append((slot_bounds(slot)[1] - 1, running))
-        return out

@@ -30,7 +30,6 @@ from .base import BaseCollector, Scope, histograms
 
 #: Counter kinds of net.bpf.c's `traffic` map, in order.
 KINDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "tx_failed")
-IFNAMSIZ = 16
 TRACEPOINTS = ("net:netif_receive_skb", "net:net_dev_queue", "net:net_dev_xmit",
                "skb:kfree_skb", "skb:consume_skb")
 _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
@@ -40,12 +39,12 @@ _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
 PROTOS = ("other", "ARP", "IPv6", "ICMP", "DNS", "DHCP", "other UDP", "other TCP", "other IPv4")
 DHCP_TYPES = {1: "DISCOVER", 2: "OFFER", 3: "REQUEST", 4: "DECLINE", 5: "ACK", 6: "NAK",
               7: "RELEASE", 8: "INFORM"}
-#: Deep-probe functions of net.bpf.c (F_*), in order; the device each call is counted on.
+#: Deep-probe functions of net.bpf.c (F_*), in order.  Each call is counted on a device:
+#: tun_get_user on the tap it built an skb for, br_handle_frame and br_forward on the
+#: ingress port, dev_queue_xmit on the transmitting device, br_dev_xmit on the bridge,
+#: tun_net_xmit on the tap (towards the guest).
 DEEP_FUNCTIONS = ("tun_get_user", "br_handle_frame", "br_forward", "dev_queue_xmit",
                   "br_dev_xmit", "tun_net_xmit")
-CALL_DEVICE = {"tun_get_user": "the tap it built an skb for", "br_handle_frame": "ingress port",
-               "br_forward": "ingress port", "dev_queue_xmit": "the device transmitting",
-               "br_dev_xmit": "the bridge", "tun_net_xmit": "the tap (towards the guest)"}
 LATENCY_START = ("netif_receive_skb", "tun_get_user")
 #: sk_buff/net_device fields read in BPF: -D name -> (struct, member, size)
 STRUCT_FIELDS = {"SKB_HEAD_OFF": ("sk_buff", "head", 8), "SKB_DATA_OFF": ("sk_buff", "data", 8),
@@ -332,7 +331,7 @@ class ProtoStats:
 
 @dataclass
 class CallStats:
-    """Calls of a tun/bridge function counted on a traced device (see CALL_DEVICE)."""
+    """Calls of a tun/bridge function counted on a traced device (see DEEP_FUNCTIONS)."""
     dev: str
     vm: str | None
     function: str

@@ -58,9 +58,3 @@ def test_delta_and_sum():
     assert (a - b).buckets == {20: 3, 30: 2}
     assert (a + b).count == 9
     assert Histogram().percentiles() == {}
-
-
-def test_prometheus_buckets_are_cumulative():
-    h = Histogram({16: 1, 17: 2, 40: 3})
-    assert [n for _, n in h.prometheus_buckets()] == [1, 3, 6]
-    assert h.prometheus_buckets()[0][0] == slot_bounds(16)[1] - 1
