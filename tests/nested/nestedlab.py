@@ -107,6 +107,14 @@ def nested_available() -> Optional[str]:
     return None
 
 
+
+def skip_module_unless_available() -> None:
+    """pytest: skip the calling test module, naming what is missing, when run_nested() can't work."""
+    import pytest  # noqa: PLC0415 (nestedlab also runs standalone, without pytest)
+    why = nested_available()
+    if why:
+        pytest.skip(why, allow_module_level=True)
+
 def _site_packages() -> Optional[str]:
     purelib = sysconfig.get_paths().get("purelib")
     if purelib and os.path.isdir(purelib) and not purelib.startswith("/usr/"):

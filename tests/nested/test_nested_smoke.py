@@ -19,13 +19,11 @@ import tempfile
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nestedlab import GUEST_TESTS_DIR, NestedTimeout, nested_available, run_nested  # noqa: E402
+from nestedlab import GUEST_TESTS_DIR, NestedTimeout, run_nested, skip_module_unless_available  # noqa: E402
 
 pytestmark = pytest.mark.nested
 
-_why = nested_available()
-if _why:
-    pytest.skip(_why, allow_module_level=True)
+skip_module_unless_available()
 
 N_IO, M_CPUID, K_MMIO = 300, 200, 100
 SVM_IO, SVM_CPUID, SVM_HLT, SVM_NPF = 0x7B, 0x72, 0x78, 0x400

@@ -18,13 +18,11 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from nestedlab import nested_available, run_nested  # noqa: E402
+from nestedlab import run_nested, skip_module_unless_available  # noqa: E402
 
 pytestmark = pytest.mark.nested
 
-_why = nested_available()
-if _why:
-    pytest.skip(_why, allow_module_level=True)
+skip_module_unless_available()
 
 N_IN, M_OUT = 300, 50
 
