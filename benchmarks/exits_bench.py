@@ -10,7 +10,10 @@ time (/proc/.../schedstat: time spent waiting for a CPU does not count) over who
 counted by the guest's serial markers.  Configurations: untraced; an empty BPF program on
 kvm_pio (the floor every BPF tracer pays); empty programs on every tracepoint kvmbpf exits
 attaches; `kvmbpf exits`; and the peers on kvm_pio: bpftrace counting by port, `perf stat`,
-`perf record`, `trace-cmd record` (in its own ftrace instance).  Also each tracer's peak RSS.
+`perf record`, and what `trace-cmd record -B` does (the event on in a private ftrace instance,
+per-CPU raw buffers copied to files: trace-cmd 3.1.6 itself cannot run on this host, it must
+write /proc/sys/kernel/ftrace_enabled, which is read-only here, and with -d it crashes).
+Also each tracer's peak RSS.
 
 Part 2, cost per event from BPF run-time statistics (benchmarks/bpfstats.py), every BPF
 tracer attached at once so all run for the same events: empty programs on each tracepoint,
@@ -48,6 +51,7 @@ EXITS_TRACEPOINTS = (("kvm", "kvm_exit"), ("kvm", "kvm_entry"), ("kvm", "kvm_use
                      ("raw_syscalls", "sys_enter"), ("kvm", "kvm_pio"), ("kvm", "kvm_mmio"),
                      ("kvm", "kvm_emulate_insn"))
 SETTLE_S = 1.0
+TRACEFS = Path("/sys/kernel/tracing")
 
 
 def empty_source(tracepoints) -> str:
@@ -61,7 +65,7 @@ class Tracer:
     bcc: str = ""
     cmd: list[str] = field(default_factory=list)
     ready: str = ""                          # first stdout line's prefix once attached
-    group: bool = False                      # a process group to signal (trace-cmd's recorders)
+    ftrace: str = ""                         # "group/event": record it like trace-cmd does
 
 
 @dataclass
@@ -70,6 +74,8 @@ class Running:
     bpf: object = None
     proc: subprocess.Popen | None = None
     first_data_s: float = 0.0
+    instance: Path | None = None             # our ftrace instance, with its per-CPU readers
+    readers: list[subprocess.Popen] = field(default_factory=list)
 
     def peak_rss_kb(self) -> int:
         """VmHWM of the tracer's process (its main process only), 0 for in-process ones."""
@@ -97,9 +103,36 @@ def tracers(pids: list[int], tmp: str) -> list[Tracer]:
         Tracer("perf stat", cmd=["perf", "stat", "-a", "-e", "kvm:kvm_pio"]),
         Tracer("perf record", cmd=["perf", "record", "-q", "-a", "-e", "kvm:kvm_pio",
                                    "-o", f"{tmp}/perf.data"]),
-        Tracer("trace-cmd record", group=True, cmd=[
-            "trace-cmd", "record", "-q", "-B", instance, "-e", "kvm:kvm_pio", "-o", f"{tmp}/trace.dat"]),
+        Tracer("ftrace record (trace-cmd's path)",
+               ftrace="kvm/kvm_pio", cmd=[instance, tmp]),
     ]
+
+
+def start_ftrace(tracer: Tracer) -> Running:
+    """What `trace-cmd record -B` does (trace-cmd itself cannot run here): the event enabled in
+    a private ftrace instance, each CPU's raw ring buffer copied to a file by a reader."""
+    name, tmp = tracer.cmd
+    instance = TRACEFS / "instances" / name
+    instance.mkdir()
+    running = Running(tracer, instance=instance)
+    for cpu in range(os.cpu_count() or 1):
+        with open(f"{tmp}/ftrace.cpu{cpu}", "wb") as out:
+            running.readers.append(subprocess.Popen(
+                ["cat", str(instance / f"per_cpu/cpu{cpu}/trace_pipe_raw")], stdout=out))
+    try:
+        (instance / "events" / tracer.ftrace / "enable").write_text("1")
+    except OSError:
+        stop_ftrace(running)
+        raise
+    return running
+
+
+def stop_ftrace(running: Running) -> None:
+    (running.instance / "events" / running.tracer.ftrace / "enable").write_text("0")
+    for reader in running.readers:
+        reader.terminate()
+        reader.wait()
+    running.instance.rmdir()
 
 
 def start(tracer: Tracer) -> Running:
@@ -108,11 +141,13 @@ def start(tracer: Tracer) -> Running:
     if tracer.bcc:
         from bcc import BPF
         return Running(tracer, bpf=BPF(text=tracer.bcc))
+    if tracer.ftrace:
+        return start_ftrace(tracer)
     if not tracer.cmd:
         return Running(tracer)
     t0 = time.monotonic()
     proc = subprocess.Popen(tracer.cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, start_new_session=tracer.group)
+                            stderr=subprocess.DEVNULL)
     running = Running(tracer, proc=proc)
     if tracer.ready:
         line = proc.stdout.readline()
@@ -129,15 +164,16 @@ def stop(running: Running) -> None:
     """Detach: SIGINT (tracers write their output), killed if not gone within 60 s."""
     if running.bpf is not None:
         running.bpf.cleanup()
+    if running.instance is not None:
+        stop_ftrace(running)
     proc = running.proc
     if proc is None:
         return
-    signal_ = (lambda s: os.killpg(proc.pid, s)) if running.tracer.group else proc.send_signal
-    signal_(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
     try:
         proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        signal_(signal.SIGKILL)
+        proc.kill()
         proc.communicate()
 
 
