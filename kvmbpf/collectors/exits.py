@@ -9,6 +9,8 @@ Five views from one BPF program (bpf_programs/exits.bpf.c), all keyed by VM:
   - instructions KVM emulated (kvm:kvm_emulate_insn) per vCPU, and the busiest ones per VM
     by their first bytes.  Where kvm_exit never fires (PVM), CR0 writes and real-mode code
     show only here: a guest flipping between real and protected mode is an emulation storm.
+    Elsewhere the view is off by default (on a PVM host it costs a program run per emulated
+    instruction, ~4.5 per PIO write of a real-mode guest).
 Names come from the running kernel's tracepoint formats, never from a built-in table.
 """
 from __future__ import annotations
@@ -16,16 +18,30 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .. import tracefs
+from .. import kernel, tracefs
 from ..hist import Histogram
 from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
 from .base import BaseCollector, Scope, histograms
+
+
+def possible_cpus() -> int:
+    """CPU ids the kernel may run a program on (bpf_get_smp_processor_id() < this)."""
+    from bcc.utils import get_possible_cpus
+    return max(get_possible_cpus()) + 1
 
 ISA_NAMES = {1: "vmx", 2: "svm"}
 VMX_BASIC_MASK = 0xFFFF
 #: Exits that end when the guest has work again: their "latency" is guest idle time.
 IDLE_REASONS = frozenset({"HLT", "MWAIT_INSTRUCTION", "hlt", "mwait", "idle-halt"})
 EINTR = 4
+#: The VM filter array (bpf_programs/exits.bpf.c): slot tgid % VM_SLOTS holds the traced tgid,
+#: or SLOT_SHARED when several traced tgids share the slot (the traced_tgids hash decides).
+VM_SLOTS = 32768
+SLOT_SHARED = 0xFFFFFFFF
+#: PIO counters per CPU in the pio_slots array (bpf_programs/exits.bpf.c: struct pio_slot).
+PIO_SLOTS = 256
+#: Exit starts per vCPU thread in the uexit_slots array, slot tid % TID_SLOTS.
+TID_SLOTS = 4096
 DEFAULT_ALERT_RATE = 10_000.0
 PVM_MODULE = "/sys/module/kvm_pvm"
 #: Bytes an instruction key keeps (bpf_programs/exits.bpf.c: struct emul_key.insn).
@@ -322,8 +338,43 @@ def _rate(count: int, seconds: float) -> float:
     return round(count / seconds, 3) if seconds > 0 else 0.0
 
 
-MAPS = ("exit_counts", "exit_lat", "uexit_counts", "vmm_lat", "pio_counts", "mmio_counts",
-        "emul_counts")
+#: Maps read each interval; emul_counts only with the emulated-instructions view.
+MAPS = ("exit_counts", "exit_lat", "vmm_lat", "pio_counts", "mmio_counts")
+
+
+def vm_slots(tgids) -> dict[int, int]:
+    """Filter array content: slot -> the traced tgid owning it, SLOT_SHARED if several do."""
+    out: dict[int, int] = {}
+    for tgid in tgids:
+        slot = tgid % VM_SLOTS
+        out[slot] = SLOT_SHARED if slot in out else tgid
+    return out
+
+
+def exits_of(vmm_lat: dict[tuple, int]) -> dict[tuple, int]:
+    """Userspace exits per (tgid, tid, code): the program counts an exit when the VMM is done
+    with it, as one sample of the VMM-time histogram (tgid, tid, code, slot)."""
+    out: dict[tuple, int] = {}
+    for (*key, _slot), n in vmm_lat.items():
+        out[tuple(key)] = out.get(tuple(key), 0) + n
+    return out
+
+
+def pio_of(slots: list[tuple[int, int, int]], spill: dict[tuple, int]) -> dict[tuple, int]:
+    """PIO counts per (tgid, port, rw): the pio_slots entries (tgid, port | rw << 16, count;
+    tgid 0 = free) plus the pio_counts hash (events whose slot another port held)."""
+    out = dict(spill)
+    for tgid, port_rw, n in slots:
+        if tgid and n:
+            key = (tgid, port_rw & 0xFFFF, port_rw >> 16)
+            out[key] = out.get(key, 0) + n
+    return out
+
+
+def emulated_default() -> bool:
+    """The emulated-instructions view is on by default only where the host emulates guest code
+    instead of emitting kvm_exit (PVM)."""
+    return kernel.kvm_flavour() == "pvm"
 
 
 @dataclass
@@ -479,18 +530,33 @@ class ExitsCollector(BaseCollector):
     program_name = "exits"
 
     def __init__(self, scope: Scope, include_idle: bool = False,
-                 alert_rate: float = DEFAULT_ALERT_RATE, insn_rows: int = INSN_ROWS):
+                 alert_rate: float = DEFAULT_ALERT_RATE, insn_rows: int = INSN_ROWS,
+                 emulated: bool | None = None):
         self.names = ReasonNames.from_kernel()
         self.include_idle = include_idle
         self.alert_rate = alert_rate
         self.insn_rows = insn_rows
+        self.emulated = emulated_default() if emulated is None else emulated
+        self.maps = MAPS + ("emul_counts",) * self.emulated
         self.vcpu_of: dict[int, int | None] = {}      # tid -> vCPU index, every thread seen
+        self.slots: dict[int, int] = {}               # vm_slots content written so far
         self.missed_total = 0
-        super().__init__(scope, {"FILTER_TIDS": int(bool(scope.vcpus))})
+        super().__init__(scope, {"FILTER_TIDS": int(bool(scope.vcpus)),
+                                 "EMULATED": int(self.emulated), "NCPUS": possible_cpus()})
+
+    def _fill_slots(self, tgids) -> None:
+        """Write the filter array's changed slots (emptied ones back to 0)."""
+        want = vm_slots(tgids)
+        table = self.program.table("vm_slots")
+        for slot in {**self.slots, **want}:
+            if self.slots.get(slot) != want.get(slot):
+                table[table.Key(slot)] = table.Leaf(want.get(slot, 0))
+        self.slots = want
 
     def update_filters(self) -> None:
         """VMs (and with --vcpu, vCPU threads) in; exit starts of threads no longer traced out."""
         self.program.fill("traced_tgids", self.scope.tgids())
+        self._fill_slots(self.scope.tgids())
         if self.scope.vcpus:
             self.program.fill("traced_tids", self.scope.vcpu_tids())
         tids = self.scope.all_tids()
@@ -498,6 +564,10 @@ class ExitsCollector(BaseCollector):
             starts = self.program.table(name)
             for key in [k for k in starts.keys() if k.value not in tids]:
                 starts.pop(key, None)
+        slots = self.program.table("uexit_slots")
+        for key, start in self.program.read_raw("uexit_slots"):
+            if start.tid and start.tid not in tids:
+                slots[key] = slots.Leaf()
 
     def _labels(self) -> Labels:
         self.vcpu_of.update({t.tid: t.vcpu for vm in self.scope.inv.vms for t in vm.vcpus})
@@ -507,7 +577,11 @@ class ExitsCollector(BaseCollector):
     def snapshot(self) -> ExitsSnapshot:
         self.refresh()
         elapsed = self.interval.tick()
-        current = {name: self.program.read(name) for name in MAPS}
+        current = {name: self.program.read(name) for name in self.maps}
+        current["uexit_counts"] = exits_of(current["vmm_lat"])
+        current["pio_counts"] = pio_of([(e.tgid, e.port_rw, e.count) for _, e in
+                                        self.program.read_raw("pio_slots")], current["pio_counts"])
+        current.setdefault("emul_counts", {})
         deltas = {name: self.interval.counts(name, rows) for name, rows in current.items()}
         labels = self._labels()
         views = build_views(deltas, elapsed, labels)
@@ -526,6 +600,10 @@ class ExitsCollector(BaseCollector):
             userspace_exits=views.userspace, pio=views.pio, mmio=views.mmio,
             emulated=views.emulated, emulated_insns=busiest_per_vm(views.insns, self.insn_rows),
             alerts=alerts(views, elapsed, self.alert_rate),
-            notes=status_notes(status, since_start, os.path.isdir(PVM_MODULE)),
+            notes=status_notes(status, since_start, os.path.isdir(PVM_MODULE)) + self._view_notes(),
             overflow=self.overflow(), missed=missed,
             _metrics=[*metrics_of(since_start), missed_metric])
+
+    def _view_notes(self) -> list[str]:
+        return [] if self.emulated else [
+            "emulated instructions not traced (--emulated to add them; on by default on PVM hosts)"]

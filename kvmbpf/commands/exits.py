@@ -15,12 +15,16 @@ from ..errors import KvmbpfError
 @click.option("--alert-rate", type=float, default=10_000.0, show_default=True,
               help="Flag a reason, port, address or emulated instruction above this many "
                    "events/s on one VM.")
-def exits(vms, pids, vcpus, timing, as_json, top, include_idle, alert_rate) -> None:
+@click.option("--emulated/--no-emulated", default=None,
+              help="Trace the instructions KVM emulates (kvm_emulate_insn: one program run per "
+                   "instruction).  Default: on where the host emulates guest code instead of "
+                   "emitting kvm_exit (PVM), off elsewhere.")
+def exits(vms, pids, vcpus, timing, as_json, top, include_idle, alert_rate, emulated) -> None:
     """Per VM and vCPU: why it exits (and how long that takes), what reaches the VMM, PIO and MMIO,
     and which instructions KVM emulates (the mnemonic shown is a hint from the first bytes).
     --top also bounds the emulated instructions kept per VM in --json output (busiest first)."""
     if not alert_rate > 0:
         raise KvmbpfError(f"--alert-rate must be > 0 (got {alert_rate:g})")
     from ..collectors.exits import ExitsCollector
-    emit_snapshots(ExitsCollector(Scope(vms, pids, vcpus), include_idle, alert_rate, insn_rows=top),
-                   timing, as_json, top)
+    emit_snapshots(ExitsCollector(Scope(vms, pids, vcpus), include_idle, alert_rate, insn_rows=top,
+                                  emulated=emulated), timing, as_json, top)

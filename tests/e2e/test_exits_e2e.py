@@ -233,6 +233,23 @@ def test_counts_match_workload_and_tracefs(frozen_round, no_leaked_probes):
 CR0_COUNT = 3000
 #: Round 2 of this guest only switches modes; its DELAY_MS waits are SeaBIOS code, emulated too.
 CR0_PARAMS = {"CR0_COUNT": CR0_COUNT, "ROUNDS": 2, "DELAY_MS": 200}
+def test_no_emulated_leaves_emulation_untraced(frozen_round, no_leaked_probes):
+    """--no-emulated: the guest's emulated instructions (tracefs) show in no view, and the other
+    counts stay exact."""
+    vm, tid = frozen_round
+    with TracefsTruth(tid, ("kvm_userspace_exit", "kvm_emulate_insn")) as truth:
+        lines = trace_round2(vm, "--no-emulated")
+        text = truth.stop()
+    missed = sum(line["missed"] for line in lines)
+    if Path("/sys/module/kvm_pvm").exists():
+        assert "kvm_emulate_insn" in text             # there was emulation to leave out
+    assert all(line["emulated"] == [] and line["emulated_insns"] == [] for line in lines)
+    assert all(any("emulated instructions not traced" in n for n in line["notes"]) for line in lines)
+    assert_count(total(lines, "pio", port=0x700, direction="out"), PIO_COUNT, missed)
+    assert_count(total(lines, "mmio", gpa=0x80000000, access="write"), MMIO_COUNT, missed)
+    assert_count(total(lines, "userspace_exits", reason="KVM_EXIT_MMIO"), MMIO_COUNT, missed)
+
+
 _EMULATE_RE = re.compile(r"kvm_emulate_insn: ([0-9a-f]+):[0-9a-f]+:([0-9a-f ]*) \((\w+)\)( failed)?$")
 
 

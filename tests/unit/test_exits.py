@@ -239,3 +239,25 @@ def test_metrics_are_counters_and_histograms(views):
     assert [(m.labels, m.value) for m in by_name["kvmbpf_emulated_insns_total"]] == [
         ({"vm": "vm-b", "vcpu": "0"}, 36_000), ({"vm": "vm-b", "vcpu": "-"}, 2)]
     assert [m.value for m in by_name["kvmbpf_emulation_failures_total"]] == [0, 2]
+
+
+def test_vm_slots_share_a_slot_only_on_collision():
+    """Two traced tgids in the same slot: the slot says 'shared' (the hash decides)."""
+    from kvmbpf.collectors.exits import SLOT_SHARED, VM_SLOTS, vm_slots
+    slots = vm_slots([5, 7, 5 + VM_SLOTS])
+    assert slots == {5: SLOT_SHARED, 7: 7}
+    assert vm_slots([]) == {}
+
+
+def test_userspace_exits_are_the_vmm_time_samples():
+    from kvmbpf.collectors.exits import exits_of
+    assert exits_of({(200, 201, 2, 40): 3, (200, 201, 2, 41): 4, (200, 201, -4, 9): 1}) == \
+        {(200, 201, 2): 7, (200, 201, -4): 1}
+
+
+def test_pio_counts_merge_slots_and_spill():
+    """Slot entries (tgid, port | rw << 16, count) add to the spill hash; free ones are skipped."""
+    from kvmbpf.collectors.exits import pio_of
+    slots = [(100, 0x21 | 1 << 16, 5), (100, 0x21 | 1 << 16, 2), (100, 0x700, 3), (0, 0, 0)]
+    assert pio_of(slots, {(100, 0x21, 1): 1, (200, 0x3f8, 1): 4}) == \
+        {(100, 0x21, 1): 8, (100, 0x700, 0): 3, (200, 0x3f8, 1): 4}
