@@ -6,10 +6,22 @@
  * inventory): a miss is the only work done for other devices.  Names are per network
  * namespace, so two namespaces' devices with one name are counted together.
  *
- * An skb seen on a traced device is remembered in `seen` (bounded LRU, keyed by skbaddr) until
- * it is freed: a transmit on another traced device of an skb received on a traced one is a
- * bridge forward, and a kfree_skb of a remembered skb is a drop on a VM's path (reason and
- * code location kept).
+ * Cost (every hash map operation is ~20-60 ns on the measured host, an array lookup is inlined
+ * and costs a few): the name's id comes from a small per-CPU direct-mapped cache keyed by the
+ * name itself (so a hit means exactly what a `traced_devs` lookup would say), valid while
+ * `filter_gen` (bumped by Python after every filter refresh) is unchanged; a device's rx/tx
+ * and protocol counters are one struct in a per-CPU array indexed by its id.  Per-CPU, so no
+ * torn cache entries: the kernel never nests two tracepoint programs on one CPU.
+ *
+ * An skb seen on a traced device is remembered in `seen` until it is freed: a transmit on
+ * another traced device of an skb received on a traced one is a bridge forward, and a
+ * kfree_skb of a remembered skb is a drop on a VM's path (reason and code location kept).
+ * `seen` is a direct-mapped array indexed by a hash of skbaddr, the address stored in the slot
+ * (an LRU hash insert and delete per skb cost more than all the rest): an skb whose slot
+ * another live one takes is forgotten, as the LRU forgot its oldest; SEEN_BITS keeps that rare
+ * (slots >> skbs of traced devices in flight).  Shared by all CPUs (an skb is freed where it
+ * may not have been received); two CPUs writing one slot for two skbs at the same instant
+ * could mix their entries — as rare as the collision itself, and at worst one skb mislabelled.
  *
  * Map methods are written out in functions: bcc 0.26 refuses them inside macros (COUNT_ADD).
  *
@@ -32,9 +44,13 @@
 #include <uapi/linux/ptrace.h>      /* struct pt_regs (kprobes): a stable user ABI layout */
 #endif
 
-#ifndef SEEN_MAX
-#define SEEN_MAX 16384
+#ifndef SEEN_BITS
+#define SEEN_BITS 14
 #endif
+#ifndef MAX_DEVS
+#define MAX_DEVS 1024       /* device ids (Python's, from 1) below this are counted */
+#endif
+#define DEV_CACHE_BITS 6
 #define ETH_HLEN 14
 #define IFNAMSIZ 16
 
@@ -54,11 +70,14 @@ struct devname {
 };
 
 struct seen_t {
+    u64 skb;        /* skbaddr this slot holds (0: free) */
     u32 origin;     /* first traced device the skb was seen on */
     u32 rx_dev;     /* last traced device that received it (0: never received) */
     u32 last;       /* last traced device it was seen on */
     u32 start;      /* what rx_ts marks: START_RECEIVE or START_TUN_GET_USER */
     u64 rx_ts;      /* when it entered rx_dev */
+    u32 proto;      /* protocol class + 1 from the first traced receive (0: not classified) */
+    u32 dhcp;       /* its DHCP message type */
 };
 
 #define START_RECEIVE 0
@@ -71,9 +90,20 @@ struct lat_key {
     u32 slot;
 };
 
-struct traffic_key {
-    u32 dev;
-    u32 kind;
+#define PROTO_CLASSES 9     /* P_* below */
+
+/* A device's counters: traffic by kind (RX_PACKETS...), and frames by direction (0: received,
+ * 1: queued for transmit) and protocol class (DHCP: in `protos`, by message type). */
+struct traffic_t {
+    u64 n[5];
+    u64 proto[2 * PROTO_CLASSES];   /* [dir * PROTO_CLASSES + class] */
+};
+
+/* A cached name -> id of traced_devs (id 0: not traced), valid in generation gen. */
+struct dev_cache_t {
+    u64 name[2];
+    u32 id;
+    u32 gen;
 };
 
 struct fwd_key {
@@ -89,20 +119,48 @@ struct drop_key {
 };
 
 BPF_HASH(traced_devs, struct devname, u32, 1024);
-BPF_TABLE("lru_hash", u64, struct seen_t, seen, SEEN_MAX);
-BPF_PERCPU_HASH(traffic, struct traffic_key, u64, 4096);
+BPF_ARRAY(filter_gen, u32, 1);
+BPF_PERCPU_ARRAY(dev_cache, struct dev_cache_t, 1 << DEV_CACHE_BITS);
+BPF_ARRAY(seen, struct seen_t, 1 << SEEN_BITS);
+BPF_PERCPU_ARRAY(traffic, struct traffic_t, MAX_DEVS);
 BPF_PERCPU_HASH(forwards, struct fwd_key, u64, 4096);
 BPF_PERCPU_HASH(drops, struct drop_key, u64, 4096);
 BPF_PERCPU_HASH(latency, struct lat_key, u64, 8192);
 KVMBPF_OVERFLOW_MAP
 
-/* The traced-device id of a tracepoint's `name` field at args + (data_loc & 0xffff), or 0. */
+/* The traced-device id of a tracepoint's `name` field at args + (data_loc & 0xffff), or 0:
+ * from dev_cache when it holds this name in the current generation, else from traced_devs. */
 static __always_inline u32 dev_id(void *args, u32 data_loc)
 {
     struct devname k = {};
-    bpf_probe_read_str(k.name, sizeof(k.name), (char *)args + (data_loc & 0xffff));
+    u32 len = (data_loc >> 16) - 1;     /* the name's length (data_loc's counts its NUL) */
+    u64 n0 = 0, n1 = 0;
+    /* a fixed-size read (cheaper than a string read), bytes past the name cleared */
+    bpf_probe_read_kernel(k.name, sizeof(k.name), (char *)args + (data_loc & 0xffff));
+    __builtin_memcpy(&n0, k.name, 8);
+    __builtin_memcpy(&n1, k.name + 8, 8);
+    if (len < 8) {
+        n0 &= (1ULL << (len * 8)) - 1;
+        n1 = 0;
+    } else if (len < 16) {
+        n1 &= (1ULL << ((len - 8) * 8)) - 1;
+    }
+    u32 idx = ((n0 ^ n1) * 0x9E3779B97F4A7C15ULL) >> (64 - DEV_CACHE_BITS), zero = 0;
+    u32 *genp = filter_gen.lookup(&zero);
+    struct dev_cache_t *c = dev_cache.lookup(&idx);
+    if (!genp || !c)
+        return 0;
+    u32 gen = *genp;            /* read before traced_devs: a later change invalidates */
+    if (c->gen == gen && c->name[0] == n0 && c->name[1] == n1)
+        return c->id;
+    __builtin_memcpy(k.name, &n0, 8);
+    __builtin_memcpy(k.name + 8, &n1, 8);
     u32 *id = traced_devs.lookup(&k);
-    return id ? *id : 0;
+    c->name[0] = n0;
+    c->name[1] = n1;
+    c->id = id ? *id : 0;
+    c->gen = gen;
+    return c->id;
 }
 
 /* Add n to a counter from lookup_or_try_init; NULL (map full) is counted as overflow. */
@@ -118,29 +176,49 @@ static __always_inline void bump(u64 *c, u64 n)
         (*o)++;
 }
 
-static __always_inline void add(u32 dev, u32 kind, u64 n)
+/* Add a packet of `bytes` to counters (kind) and (kind + 1) of dev; an id beyond the array
+ * is counted as overflow. */
+static __always_inline void add(u32 dev, u32 kind, u64 bytes)
 {
-    struct traffic_key k = {.dev = dev, .kind = kind};
-    u64 zero = 0;
-    bump(traffic.lookup_or_try_init(&k, &zero), n);
-}
-
-/* Remember an skb on device `dev`; rx: the device received it, at rx_ts (from `start`). */
-static __always_inline void remember(u64 skb, u32 dev, int rx, u64 rx_ts, u32 start)
-{
-    struct seen_t *s = seen.lookup(&skb);
-    if (s) {
-        s->last = dev;
-        if (rx) {
-            s->rx_dev = dev;
-            s->rx_ts = rx_ts;
-            s->start = start;
-        }
+    struct traffic_t *t = traffic.lookup(&dev);
+    if (t) {
+        t->n[kind]++;
+        t->n[kind + 1] += bytes;
         return;
     }
-    struct seen_t n = {.origin = dev, .rx_dev = rx ? dev : 0, .last = dev, .start = start,
-                       .rx_ts = rx ? rx_ts : 0};
-    seen.update(&skb, &n);
+    bump(0, 1);
+}
+
+/* The slot of skb in `seen`, and whether it holds skb (*s: the slot, NULL if none). */
+static __always_inline int seen_slot(u64 skb, struct seen_t **s)
+{
+    u32 idx = (skb * 0x9E3779B97F4A7C15ULL) >> (64 - SEEN_BITS);
+    *s = seen.lookup(&idx);
+    return *s && (*s)->skb == skb;
+}
+
+/* Remember skb (slot s; hit: s holds it) on device `dev`; rx: the device received it, at
+ * rx_ts (from `start`). */
+static __always_inline void remember(struct seen_t *s, int hit, u64 skb, u32 dev, int rx,
+                                     u64 rx_ts, u32 start)
+{
+    if (!s)
+        return;
+    if (!hit) {
+        s->skb = skb;
+        s->origin = dev;
+        s->rx_dev = 0;
+        s->rx_ts = 0;
+        s->start = 0;
+        s->proto = 0;
+        s->dhcp = 0;
+    }
+    s->last = dev;
+    if (rx) {
+        s->rx_dev = dev;
+        s->rx_ts = rx_ts;
+        s->start = start;
+    }
 }
 
 #ifdef SKB_HEAD_OFF
@@ -165,7 +243,7 @@ struct proto_key {
     u32 dhcp;       /* DHCP message type (option 53), 0 if not DHCP or not found */
 };
 
-BPF_PERCPU_HASH(protos, struct proto_key, u64, 4096);
+BPF_PERCPU_HASH(protos, struct proto_key, u64, 4096);    /* DHCP frames only */
 
 /* The DHCP message type (option 53) of the BOOTP message whose UDP header is at `udp`. */
 static __always_inline u32 dhcp_type(u64 udp, u64 end)
@@ -193,14 +271,15 @@ static __always_inline u32 dhcp_type(u64 udp, u64 end)
     return 0;
 }
 
-/* Classify the Ethernet frame in [p, end). */
-static __always_inline u32 classify(u64 p, u64 end, u32 *dhcp)
+/* Classify the Ethernet frame in [p, end); *vlan: it is 802.1Q/802.1ad-tagged. */
+static __always_inline u32 classify(u64 p, u64 end, u32 *dhcp, int *vlan)
 {
     u8 eth[14] = {};
     if (p + 14 > end)
         return P_OTHER;
     bpf_probe_read_kernel(eth, 14, (void *)p);
     u16 type = (eth[12] << 8) | eth[13];
+    *vlan = type == 0x8100 || type == 0x88A8;
     if (type == 0x0806)
         return P_ARP;
     if (type == 0x86DD)
@@ -234,9 +313,33 @@ static __always_inline u32 classify(u64 p, u64 end, u32 *dhcp)
     return P_UDP;
 }
 
-/* Count the frame of skb on dev; rx: received (frame at head + mac_header), else at data. */
-static __always_inline void count_proto(u64 skb, u32 dev, int rx)
+/* Count a classified frame: in the device's traffic struct, DHCP (by message type) in
+ * `protos`; a device id beyond the array is counted as overflow. */
+static __always_inline void count_class(struct proto_key *k)
 {
+    struct traffic_t *t = traffic.lookup(&k->dev);
+    u32 p = k->proto;
+    if (p != P_DHCP && t && p < PROTO_CLASSES) {
+        t->proto[(k->dir & 1) * PROTO_CLASSES + p]++;
+        return;
+    }
+    u64 zero = 0;
+    bump(t ? protos.lookup_or_try_init(k, &zero) : 0, 1);
+}
+
+/* Count the frame of skb on dev; rx: received (frame at head + mac_header), else at data.
+ * A received skb is classified once, on its first traced device, and the class kept in its
+ * `seen` slot s: a bridge receives the frame its port received, unchanged (unless tagged:
+ * the bridge sees it untagged, so a tagged frame is classified again). */
+static __always_inline void count_proto(u64 skb, u32 dev, int rx, struct seen_t *s)
+{
+    struct proto_key k = {.dev = dev, .dir = rx ? 0 : 1};
+    if (rx && s && s->proto) {
+        k.proto = s->proto - 1;
+        k.dhcp = s->dhcp;
+        count_class(&k);
+        return;
+    }
     u64 head = 0, data = 0;
     u32 tail = 0;
     u16 mac = 0;
@@ -248,14 +351,17 @@ static __always_inline void count_proto(u64 skb, u32 dev, int rx)
     } else {
         bpf_probe_read_kernel(&data, 8, (void *)(skb + SKB_DATA_OFF));
     }
-    struct proto_key k = {.dev = dev, .dir = rx ? 0 : 1};
+    int vlan = 1;
     if (head && data)
-        k.proto = classify(data, head + tail, &k.dhcp);
-    u64 zero = 0;
-    bump(protos.lookup_or_try_init(&k, &zero), 1);
+        k.proto = classify(data, head + tail, &k.dhcp, &vlan);
+    if (rx && s && !vlan) {
+        s->proto = k.proto + 1;
+        s->dhcp = k.dhcp;
+    }
+    count_class(&k);
 }
 #else
-static __always_inline void count_proto(u64 skb, u32 dev, int rx) {}
+static __always_inline void count_proto(u64 skb, u32 dev, int rx, struct seen_t *s) {}
 #endif
 
 #ifdef DEEP_PROBES
@@ -394,13 +500,14 @@ TRACEPOINT_PROBE(net, netif_receive_skb)
     u32 dev = dev_id(args, args->data_loc_name);
     if (!dev)
         return 0;
-    add(dev, RX_PACKETS, 1);
-    add(dev, RX_BYTES, args->len + ETH_HLEN);
+    add(dev, RX_PACKETS, args->len + ETH_HLEN);
     u64 skb = (u64)args->skbaddr;
-    count_proto(skb, dev, 1);
+    struct seen_t *s;
+    int hit = seen_slot(skb, &s);
     u64 ts = bpf_ktime_get_ns();
     u32 start = tun_start(dev, &ts);
-    remember(skb, dev, 1, ts, start);
+    remember(s, hit, skb, dev, 1, ts, start);
+    count_proto(skb, dev, 1, s);
     return 0;
 }
 
@@ -411,14 +518,15 @@ TRACEPOINT_PROBE(net, net_dev_queue)
     if (!dev)
         return 0;
     u64 skb = (u64)args->skbaddr;
-    struct seen_t *s = seen.lookup(&skb);
-    if (s && s->rx_dev && s->rx_dev != dev) {
+    struct seen_t *s;
+    int hit = seen_slot(skb, &s);
+    if (hit && s->rx_dev && s->rx_dev != dev) {
         struct fwd_key k = {.in_dev = s->rx_dev, .out_dev = dev};
         u64 zero = 0;
         bump(forwards.lookup_or_try_init(&k, &zero), 1);
     }
-    count_proto(skb, dev, 0);
-    remember(skb, dev, 0, 0, 0);
+    count_proto(skb, dev, 0, 0);
+    remember(s, hit, skb, dev, 0, 0, 0);
     return 0;
 }
 
@@ -432,14 +540,17 @@ TRACEPOINT_PROBE(net, net_dev_xmit)
     if (!dev)
         return 0;
     if (args->rc) {
-        add(dev, TX_FAILED, 1);
+        struct traffic_t *t = traffic.lookup(&dev);
+        if (t)
+            t->n[TX_FAILED]++;
+        else
+            bump(0, 1);
         return 0;
     }
-    add(dev, TX_PACKETS, 1);
-    add(dev, TX_BYTES, args->len);
+    add(dev, TX_PACKETS, args->len);
     u64 skb = (u64)args->skbaddr;
-    struct seen_t *s = seen.lookup(&skb);
-    if (s && s->rx_dev && s->rx_dev != dev && s->rx_ts) {
+    struct seen_t *s;
+    if (seen_slot(skb, &s) && s->rx_dev && s->rx_dev != dev && s->rx_ts) {
         struct lat_key k = {.in_dev = s->rx_dev, .out_dev = dev, .start = s->start};
         k.slot = hist_slot(bpf_ktime_get_ns() - s->rx_ts);
         u64 zero = 0;
@@ -451,14 +562,14 @@ TRACEPOINT_PROBE(net, net_dev_xmit)
 TRACEPOINT_PROBE(skb, kfree_skb)
 {
     u64 skb = (u64)args->skbaddr;
-    struct seen_t *s = seen.lookup(&skb);
-    if (!s)
+    struct seen_t *s;
+    if (!seen_slot(skb, &s))
         return 0;
     struct drop_key k = {.origin = s->origin, .last = s->last,
                          .location = (u64)args->location, .reason = args->reason};
+    s->skb = 0;
     u64 zero = 0;
     bump(drops.lookup_or_try_init(&k, &zero), 1);
-    seen.delete(&skb);
     return 0;
 }
 
@@ -466,6 +577,8 @@ TRACEPOINT_PROBE(skb, kfree_skb)
 TRACEPOINT_PROBE(skb, consume_skb)
 {
     u64 skb = (u64)args->skbaddr;
-    seen.delete(&skb);
+    struct seen_t *s;
+    if (seen_slot(skb, &s))
+        s->skb = 0;
     return 0;
 }

@@ -14,6 +14,7 @@ rx = received by the device (a tap: sent by the guest), tx = transmitted by it
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from .base import BaseCollector, Scope, histograms
 KINDS = ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "tx_failed")
 TRACEPOINTS = ("net:netif_receive_skb", "net:net_dev_queue", "net:net_dev_xmit",
                "skb:kfree_skb", "skb:consume_skb")
+MAX_DEVS = 1024    # net.bpf.c's traffic array: device ids at or above it count as overflow
 _IFNAME_RE = re.compile(r"^[^/\s:]{1,15}$")
 
 
@@ -560,7 +562,7 @@ class NetCollector(BaseCollector):
             self.maps.append("calls")
             params.update(DEEP_PROBES=1, DEEP_FENTRY=int(self.plan.method == "fentry"),
                           DEV_QUEUE_XMIT_INLINE=int("__dev_queue_xmit" in self.plan.functions))
-        super().__init__(scope, params)
+        super().__init__(scope, {**params, "MAX_DEVS": MAX_DEVS})
         if self.plan.method == "kprobe":
             try:
                 for function in self.plan.functions:
@@ -585,10 +587,31 @@ class NetCollector(BaseCollector):
             self.devices[ident] = device
             if current.get(name) != ident:
                 table[table.Key(name.encode())] = table.Leaf(ident)
+        gen = self.program.table("filter_gen")    # after the changes: drops cached name -> id
+        gen[0] = gen.Leaf(gen[0].value + 1)
+
+    def device_counts(self) -> dict[str, dict[tuple, int]]:
+        """`traffic` (a per-CPU array of one struct per device id) as the maps it replaces:
+        traffic (dev, kind) -> n and protos (dev, dir, proto, 0) -> n; DHCP from `protos`."""
+        traffic: dict[tuple, int] = {}
+        protos = self.program.read("protos") if "protos" in self.maps else {}
+        table = self.program.table("traffic")
+        for dev in sorted(i for i in self.devices if i < MAX_DEVS):    # ids handed out so far
+            per_cpu = table[table.Key(dev)]
+            for kind in range(len(KINDS)):
+                if n := sum(cpu.n[kind] for cpu in per_cpu):
+                    traffic[(dev, kind)] = n
+            for direction, proto in itertools.product((0, 1), range(len(PROTOS))):
+                if n := sum(cpu.proto[direction * len(PROTOS) + proto] for cpu in per_cpu):
+                    protos[(dev, direction, proto, 0)] = n
+        return {"traffic": traffic, "protos": protos}
 
     def read(self, delta: bool) -> Counts:
-        get = self.read_delta if delta else (lambda m: self.interval.last_counts.get(m, {}))
-        return Counts(**{m: get(m) for m in self.maps})
+        if not delta:
+            return Counts(**{m: self.interval.last_counts.get(m, {}) for m in self.maps})
+        current = self.device_counts()
+        return Counts(**{m: self.interval.counts(m, current[m] if m in current else self.program.read(m))
+                         for m in self.maps})
 
     def snapshot(self) -> NetSnapshot:
         self.refresh()
