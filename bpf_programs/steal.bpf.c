@@ -6,22 +6,29 @@
  * waiting when sched_switch puts it on a CPU.  The waited time goes into a per-vCPU
  * histogram and total (at the end of each wait).
  *
- * Culprits: each CPU keeps the time its current task got it and NSLOTS slots naming
- * the vCPUs waiting there.  At every sched_switch on a CPU with waiters, prev is charged,
- * per waiting vCPU, the time it ran since max(its switch-in, the vCPU's wait start on
- * this CPU): so every task that ran during the wait is charged what it ran, and the
- * charges of one wait add up to the wait.  A vCPU that migrates while waiting
- * (sched_migrate_task) moves its slot; the time between the old CPU's last switch and
- * the migration is charged to UNATTRIBUTED.  A vCPU that finds no free slot (more
- * waiting vCPUs on one CPU than NSLOTS: counted in no_slot) falls back: the task it
- * replaces is charged its running time, the rest of the wait is UNATTRIBUTED.
- * Cost for a switch of unrelated tasks on a CPU with no waiting vCPU: one array lookup,
- * one store, one load, and the two traced_tids misses.
+ * Culprits: each CPU keeps NSLOTS slots naming the vCPUs waiting there, a count of the
+ * vCPUs waiting there (slots in use plus waits that found no slot) and, while that count
+ * is not zero, the time its current task got it.  At every sched_switch on a CPU with
+ * waiters, prev is charged, per waiting vCPU, the time it ran since max(its switch-in,
+ * the vCPU's wait start on this CPU): so every task that ran during the wait is charged
+ * what it ran, and the charges of one wait add up to the wait.
+ * A switch-in on a CPU where nothing waited is not recorded: it came before any wait
+ * there that task can be charged for, so the max() is that wait's start either way (the
+ * recorded time is older, never newer).
+ * A vCPU that migrates while waiting (sched_migrate_task) moves its slot; the time
+ * between the old CPU's last switch and the migration is charged to UNATTRIBUTED.  A
+ * vCPU that finds no free slot (more waiting vCPUs on one CPU than NSLOTS: counted in
+ * no_slot) falls back: the task it replaces is charged its running time, the rest of
+ * the wait is UNATTRIBUTED.
+ * Cost of a switch of unrelated tasks on a CPU where no traced vCPU waits: one array
+ * lookup and the two traced_tids misses; where one waits: a clock read and a store more.
  *
  * Slots are written from other CPUs (wakeups, migrations): claimed and freed with
  * cmpxchg (bpf_spin_lock is not allowed in tracing programs).  The wait record
  * (runnable_at) is the truth: a slot whose owner has no record is freed by the next
- * switch on that CPU (records of untraced threads are removed by the collector).
+ * switch on that CPU (records of untraced threads are removed by the collector; one
+ * removed while it held no slot stays counted in its CPU's waiters: a lost fast path
+ * there, not a wrong charge).
  *
  * Every id and state comes from tracepoint fields (never task_struct: the build
  * headers do not match this kernel).
@@ -69,14 +76,15 @@ struct culprit_key {
 struct wait {
     u64 since;            /* the wait began */
     u64 here;             /* it began waiting on cpu (later than since after a migration) */
+    u64 spilled;          /* cpu + 1: counted in its waiters without a slot (u64: cmpxchg) */
     u32 tgid;
     u32 cpu;
     u32 slot;             /* its slot on cpu, NO_SLOT: none (fallback attribution) */
 };
 
 struct cpu_state {
-    u64 since;            /* the current task got this CPU */
-    u64 waiters;          /* slots in use */
+    u64 since;            /* the current task got this CPU (recorded while waiters) */
+    u64 waiters;          /* vCPUs waiting here: slots in use + spilled waits */
     u64 owner[NSLOTS];    /* tid of a vCPU waiting here, 0: free (u64: cmpxchg) */
 };
 
@@ -123,18 +131,31 @@ static __always_inline u64 later(u64 a, u64 b)
     return a > b ? a : b;
 }
 
-static __always_inline u32 claim_slot(struct cpu_state *c, u32 tid)
+/* Counted in cpu's waiters first (its switches record times from then on), then a
+ * slot; with none free the count stays with the wait (spilled). */
+static __always_inline u32 claim_slot(struct cpu_state *c, struct wait *w, u32 cpu, u32 tid)
 {
+    __sync_fetch_and_add(&c->waiters, 1);
 #pragma unroll
     for (u32 i = 0; i < NSLOTS; i++) {
-        if (c->owner[i] == 0 && __sync_val_compare_and_swap(&c->owner[i], 0, (u64)tid) == 0) {
-            __sync_fetch_and_add(&c->waiters, 1);
+        if (c->owner[i] == 0 && __sync_val_compare_and_swap(&c->owner[i], 0, (u64)tid) == 0)
             return i;
-        }
     }
+    w->spilled = cpu + 1;
     u32 zero = 0;
     bump(no_slot.lookup(&zero));
     return NO_SLOT;
+}
+
+static __always_inline void unspill(struct wait *w)
+{
+    u64 spilled = w->spilled;
+    if (!spilled || __sync_val_compare_and_swap(&w->spilled, spilled, 0) != spilled)
+        return;
+    u32 cpu = spilled - 1;
+    struct cpu_state *c = cpus.lookup(&cpu);
+    if (c)
+        __sync_fetch_and_add(&c->waiters, -1);
 }
 
 static __always_inline void free_slot(struct cpu_state *c, u32 slot, u32 tid)
@@ -163,7 +184,7 @@ static __always_inline void start_wait(struct cpu_state *c, u32 tid, u32 tgid, u
     }
     struct wait *w = runnable_at.lookup(&tid);
     if (w)
-        w->slot = claim_slot(c, tid);
+        w->slot = claim_slot(c, w, cpu, tid);
 }
 
 /* Woken: the wait starts now on the target CPU. */
@@ -205,10 +226,18 @@ TRACEPOINT_PROBE(sched, sched_migrate_task)
     u64 now = bpf_ktime_get_ns(), here = w->here;
     w->cpu = to;
     w->here = now;
-    if (slot == NO_SLOT)
-        return 0;                          /* fallback attribution stays */
+    struct cpu_state *c = cpus.lookup(&to);
+    if (slot == NO_SLOT) {                 /* fallback attribution stays: move the count */
+        if (c && w->spilled) {
+            __sync_fetch_and_add(&c->waiters, 1);
+            unspill(w);
+            w->spilled = to + 1;
+        }
+        return 0;
+    }
     w->slot = NO_SLOT;
-    struct cpu_state *c = cpus.lookup(&from);
+    u32 moved = c ? claim_slot(c, w, to, tid) : NO_SLOT;
+    c = cpus.lookup(&from);
     if (c) {
         /* from's current task ran since its last switch: not known here */
         u64 start = later(c->since, here);
@@ -216,9 +245,7 @@ TRACEPOINT_PROBE(sched, sched_migrate_task)
             charge(w->tgid, tid, UNATTRIBUTED, 0, now - start);
         free_slot(c, slot, tid);
     }
-    c = cpus.lookup(&to);
-    if (c)
-        w->slot = claim_slot(c, tid);
+    w->slot = moved;
     return 0;
 }
 
@@ -261,19 +288,24 @@ static __always_inline void end_wait(struct cpu_state *c, u32 cpu, u32 next, u32
     if (w->slot != NO_SLOT && w->cpu == cpu) {
         free_slot(c, w->slot, next);
     } else {
-        /* fallback (no slot) or a migration not seen: prev's share, the rest unnamed */
-        if (w->slot != NO_SLOT)
-            free_slot_on(w->cpu, w->slot, next);
-        u64 span = w->here < now ? now - w->here : 0;
-        u64 last = now - later(prev_since, w->here);
+        /* fallback (no slot) or a migration not seen (the old CPU's switches charged
+         * up to its last one): of the time not charged yet, prev's share, the rest unnamed */
+        u64 from = w->here;
+        struct cpu_state *old = w->slot != NO_SLOT ? cpus.lookup(&w->cpu) : 0;
+        if (old) {
+            from = later(from, old->since);
+            free_slot(old, w->slot, next);
+        }
+        u64 span = from < now ? now - from : 0;
+        u64 last = now - later(prev_since, from);
         if (last > span)
             last = span;
         char comm[16];
         bpf_probe_read_kernel(comm, sizeof(comm), prev_comm_src);
         charge(tgid, next, prev, comm, last);
-        if (w->slot == NO_SLOT)
-            charge(tgid, next, UNATTRIBUTED, 0, span - last);
+        charge(tgid, next, UNATTRIBUTED, 0, span - last);
     }
+    unspill(w);
     runnable_at.delete(&next);
 
     u64 zero = 0;
@@ -292,24 +324,35 @@ static __always_inline void end_wait(struct cpu_state *c, u32 cpu, u32 next, u32
         count_overflow();
 }
 
+/* Order: this CPU's record (does a vCPU wait here?), then the filter; an unrelated
+ * switch on a CPU with no waiter stops after one array lookup and two filter misses. */
 TRACEPOINT_PROBE(sched, sched_switch)
 {
-    u32 prev = args->prev_pid, next = args->next_pid;
     u32 cpu = bpf_get_smp_processor_id();
     struct cpu_state *c = cpus.lookup(&cpu);
     if (!c)
         return 0;
-    u64 now = bpf_ktime_get_ns();
-    u64 prev_since = c->since;
-    c->since = now;
-    if (c->waiters)
+    u32 prev = args->prev_pid, next = args->next_pid;
+    u64 now = 0, prev_since = 0;       /* 0: before any wait here (see the header) */
+    if (c->waiters) {
+        now = bpf_ktime_get_ns();
+        prev_since = c->since;
+        c->since = now;
         charge_waiters(c, cpu, prev, args->prev_comm, prev_since, now);
+    }
 
     u32 *prev_tgid = traced_tids.lookup(&prev);
+    if (!prev_tgid && !traced_tids.lookup(&next))
+        return 0;
+    if (!now)
+        now = bpf_ktime_get_ns();
     if (prev_tgid) {
         struct wait *w = runnable_at.lookup(&prev);
-        if (w && w->slot != NO_SLOT)       /* a wakeup seen while it still ran */
-            free_slot_on(w->cpu, w->slot, prev);
+        if (w) {                           /* a wakeup seen while it still ran */
+            if (w->slot != NO_SLOT)
+                free_slot_on(w->cpu, w->slot, prev);
+            unspill(w);
+        }
         if ((args->prev_state & STATE_MASK) == 0)
             start_wait(c, prev, *prev_tgid, cpu, now);
         else if (w)
