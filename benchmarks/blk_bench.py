@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,25 +60,7 @@ def start(mode: str, device: str, dev: int) -> tuple[subprocess.Popen, dict[int,
     """Start a tracer, wait until all its block programs are attached (bpftrace prints its
     banner before it attaches them)."""
     cmd, ready = tracer_command(mode, device, dev)
-    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    line = proc.stdout.readline()
-    if not line.startswith(ready):
-        proc.kill()
-        raise SystemExit(f"{mode}: tracer did not start ({line!r})")
-    try:
-        return proc, bpfstats.wait_attached(proc.pid, PROGRAMS[mode])
-    except SystemExit:
-        proc.kill()
-        raise
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return bpfstats.start_tracer(cmd, ready, PROGRAMS[mode])
 
 
 def report(stats: dict[str, dict[str, bpfstats.Cost]], requests: int, seconds: float) -> None:
@@ -120,7 +101,7 @@ def main() -> None:
             after = bpfstats.totals()
         finally:
             for proc in tracers:
-                stop(proc)
+                bpfstats.stop_tracer(proc)
             subprocess.run(["losetup", "-d", device], check=False)
     stats = {m: bpfstats.per_event(before, after, progs) for m, progs in owned.items()}
     report(stats, requests, seconds)

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -100,3 +101,30 @@ def per_event(before: dict[int, Cost], after: dict[int, Cost], progs: dict[int, 
         delta = Cost(after[prog].ns - before[prog].ns, after[prog].runs - before[prog].runs)
         out[event] = out.get(event, Cost(0, 0)) + delta
     return out
+
+
+def start_tracer(cmd: list[str], ready: str, programs: int,
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen, dict[int, str]]:
+    """Start a tracer process; return once it printed a line starting with `ready` and holds
+    `programs` BPF programs (bpftrace prints its banner before attaching)."""
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, text=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    line = proc.stdout.readline()
+    if not line.startswith(ready):
+        stop_tracer(proc)
+        raise SystemExit(f"{cmd[0]}: tracer did not start ({line!r})")
+    try:
+        return proc, wait_attached(proc.pid, programs)
+    except SystemExit:
+        stop_tracer(proc)
+        raise
+
+
+def stop_tracer(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGINT (tracers print their results), SIGKILL if still there after `timeout`."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -166,15 +165,8 @@ def stop(running: Running) -> None:
         running.bpf.cleanup()
     if running.instance is not None:
         stop_ftrace(running)
-    proc = running.proc
-    if proc is None:
-        return
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
+    if running.proc is not None:
+        bpfstats.stop_tracer(running.proc)
 
 
 def next_round_end(vm, tid: int) -> tuple[int, int]:

@@ -61,23 +61,12 @@ def start_tracer(mode: str, tap: str, bridge: str) -> subprocess.Popen | None:
         cmd, ready = [sys.executable, "-m", "kvmbpf", "net", "1", "--json", "--dev", tap, "--dev", bridge], "{"
     else:
         cmd, ready = ["bpftrace", "-e", ",".join(f"tracepoint:{tp}" for tp in TRACEPOINTS) + " { }"], "Attaching"
-    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    line = proc.stdout.readline()
-    if not line.startswith(ready):
-        proc.kill()
-        raise SystemExit(f"{mode}: tracer did not start ({line!r})")
-    try:
-        bpfstats.wait_attached(proc.pid, len(TRACEPOINTS))
-    except SystemExit:
-        stop_tracer(proc)
-        raise
-    return proc
+    return bpfstats.start_tracer(cmd, ready, len(TRACEPOINTS))[0]
 
 
 def stop_tracer(proc: subprocess.Popen | None) -> None:
     if proc is not None:
-        proc.terminate()
-        proc.wait(timeout=30)
+        bpfstats.stop_tracer(proc)
 
 
 def write(net, tap: str, seconds: float) -> tuple[float, float, int]:

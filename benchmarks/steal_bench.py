@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,21 +76,11 @@ class Peer:
 
     def __init__(self, name: str):
         cmd, ready, self.programs = PEERS[name]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        line = self.proc.stdout.readline()
-        if not line.startswith(ready):
-            self.close()
-            raise SystemExit(f"{name} did not start: {line!r}")
-        self.attached = bpfstats.wait_attached(self.proc.pid, self.programs)
+        self.proc, self.attached = bpfstats.start_tracer(
+            cmd, ready, self.programs, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.communicate()
+        bpfstats.stop_tracer(self.proc)
 
 
 def programs_of(tracer) -> dict[int, str]:

@@ -27,7 +27,7 @@ from ..bpf import key_tuple
 from ..errors import KvmbpfError
 from ..hist import Histogram
 from ..inventory import VM, block_device_name, kernel_dev
-from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
 #: Operation codes of blk.bpf.c (OP_*), in order.
@@ -156,15 +156,11 @@ class BlkSnapshot:
                 f"in {self.interval_s:.2f}s")
 
     def tables(self, top: int) -> list[TableData]:
-        notes = []
+        notes = loss_notes(self.overflow, self.missed)
         if self.overflow:
-            notes.append(f"{self.overflow} requests not tracked (start map full, or more than "
-                         f"{MAX_ROWS} vm/device/op rows)")
+            notes.append(f"(blk: the start map was full, or more than {MAX_ROWS} vm/device/op rows)")
         if self.expired:
             notes.append(f"{self.expired} requests dropped without completion after 30 s")
-        if self.missed:
-            notes.append(f"{self.missed} block events missed (another BPF program was running "
-                         "on that CPU): counts may be short by as many")
         ops = sorted(self.ops, key=lambda o: -o.requests)[:top]
         lead = ["vm", "device", "op", "reqs", "KiB"]
 
@@ -339,13 +335,8 @@ class BlkCollector(BaseCollector):
         cumulative = self.interval.last_counts
         metrics = op_metrics(*build_stats(cumulative.get("hists", {}), cumulative.get("counts", {}),
                                           self.vm_name, device_label))
-        missed = self.missed()
-        metrics.append(Metric("kvmbpf_blk_missed_events_total", "counter",
-                              "Block tracepoint events the kernel did not run kvmbpf's programs for "
-                              "(another BPF program was running on that CPU)", {},
-                              self.interval.last_counts["missed"][()]))
-        return BlkSnapshot(round(elapsed, 6), ops, devices, self.overflow(), missed, self.expired,
-                           metrics)
+        return BlkSnapshot(round(elapsed, 6), ops, devices, self.overflow(), self.missed(),
+                           self.expired, metrics)
 
     def expire(self) -> None:
         """Drop start entries older than STALE_NS (bio-based devices, lost completions),

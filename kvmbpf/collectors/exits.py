@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .. import kernel, tracefs
 from ..hist import Histogram
-from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells
+from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
 
@@ -308,12 +308,7 @@ class ExitsSnapshot:
     def _exit_table(self, top: int) -> TableData:
         rows = [[r.vm, _vcpu(r.vcpu), r.isa, " ".join([r.reason, *r.flags]) + (" (idle)" if r.idle else ""),
                  r.count, round(r.rate, 1), *latency_cells(r.latency)] for r in self.exits[:top]]
-        notes = list(self.notes)
-        if self.overflow:
-            notes.append(f"{self.overflow} events lost since start (maps full)")
-        if self.missed:
-            notes.append(f"{self.missed} events missed this interval (another BPF program "
-                         "was running on the CPU): counts may be short by that much")
+        notes = list(self.notes) + loss_notes(self.overflow, self.missed)
         return TableData("exit reasons (kvm_exit; latency = until the next kvm_entry)",
                          ["vm", "vcpu", "isa", "reason", "count", "rate/s", *LATENCY_COLUMNS], rows, notes)
 
@@ -369,6 +364,33 @@ def pio_of(slots: list[tuple[int, int, int]], spill: dict[tuple, int]) -> dict[t
             key = (tgid, port_rw & 0xFFFF, port_rw >> 16)
             out[key] = out.get(key, 0) + n
     return out
+
+
+def program_params(filter_tids: bool, emulated: bool) -> dict[str, int]:
+    """The -D integers exits.bpf.c is built with."""
+    return {"FILTER_TIDS": int(filter_tids), "EMULATED": int(emulated), "NCPUS": possible_cpus()}
+
+
+def fill_vm_filter(program, tgids, written: dict[int, int]) -> dict[int, int]:
+    """Make the vm_slots filter array trace `tgids` (and the traced_tgids hash behind it for
+    shared slots); `written` is what the previous call wrote, the result is what this one did."""
+    program.fill("traced_tgids", {tgid: tgid for tgid in tgids})
+    want = vm_slots(tgids)
+    table = program.table("vm_slots")
+    for slot in {**written, **want}:
+        if written.get(slot) != want.get(slot):
+            table[table.Key(slot)] = table.Leaf(want.get(slot, 0))
+    return want
+
+
+def read_maps(program, emulated: bool) -> dict[str, dict[tuple, int]]:
+    """Every counter of the program, cumulative, in the shape build_views() takes."""
+    maps = {name: program.read(name) for name in MAPS + ("emul_counts",) * emulated}
+    maps["uexit_counts"] = exits_of(maps["vmm_lat"])
+    maps["pio_counts"] = pio_of([(e.tgid, e.port_rw, e.count) for _, e in
+                                 program.read_raw("pio_slots")], maps["pio_counts"])
+    maps.setdefault("emul_counts", {})
+    return maps
 
 
 def emulated_default() -> bool:
@@ -537,26 +559,13 @@ class ExitsCollector(BaseCollector):
         self.alert_rate = alert_rate
         self.insn_rows = insn_rows
         self.emulated = emulated_default() if emulated is None else emulated
-        self.maps = MAPS + ("emul_counts",) * self.emulated
         self.vcpu_of: dict[int, int | None] = {}      # tid -> vCPU index, every thread seen
         self.slots: dict[int, int] = {}               # vm_slots content written so far
-        self.missed_total = 0
-        super().__init__(scope, {"FILTER_TIDS": int(bool(scope.vcpus)),
-                                 "EMULATED": int(self.emulated), "NCPUS": possible_cpus()})
-
-    def _fill_slots(self, tgids) -> None:
-        """Write the filter array's changed slots (emptied ones back to 0)."""
-        want = vm_slots(tgids)
-        table = self.program.table("vm_slots")
-        for slot in {**self.slots, **want}:
-            if self.slots.get(slot) != want.get(slot):
-                table[table.Key(slot)] = table.Leaf(want.get(slot, 0))
-        self.slots = want
+        super().__init__(scope, program_params(bool(scope.vcpus), self.emulated))
 
     def update_filters(self) -> None:
         """VMs (and with --vcpu, vCPU threads) in; exit starts of threads no longer traced out."""
-        self.program.fill("traced_tgids", self.scope.tgids())
-        self._fill_slots(self.scope.tgids())
+        self.slots = fill_vm_filter(self.program, self.scope.tgids(), self.slots)
         if self.scope.vcpus:
             self.program.fill("traced_tids", self.scope.vcpu_tids())
         tids = self.scope.all_tids()
@@ -577,22 +586,13 @@ class ExitsCollector(BaseCollector):
     def snapshot(self) -> ExitsSnapshot:
         self.refresh()
         elapsed = self.interval.tick()
-        current = {name: self.program.read(name) for name in self.maps}
-        current["uexit_counts"] = exits_of(current["vmm_lat"])
-        current["pio_counts"] = pio_of([(e.tgid, e.port_rw, e.count) for _, e in
-                                        self.program.read_raw("pio_slots")], current["pio_counts"])
-        current.setdefault("emul_counts", {})
+        current = read_maps(self.program, self.emulated)
         deltas = {name: self.interval.counts(name, rows) for name, rows in current.items()}
         labels = self._labels()
         views = build_views(deltas, elapsed, labels)
         since_start = build_views(current, self.interval.last_time - self.interval.start_time, labels)
         status = kvm_exit_status(since_start)
         missed = self.missed()
-        self.missed_total += missed
-        missed_metric = Metric("kvmbpf_missed_events_total", "counter",
-                               "Events the kernel kept from a collector's BPF program (another "
-                               "BPF program was running on the CPU)", {"collector": "exits"},
-                               self.missed_total)
         return ExitsSnapshot(
             interval_s=round(elapsed, 3), vms={vm.name: vm.pid for vm in self.scope.vms},
             kvm_exit=status, include_idle=self.include_idle, alert_rate=self.alert_rate,
@@ -602,7 +602,7 @@ class ExitsCollector(BaseCollector):
             alerts=alerts(views, elapsed, self.alert_rate),
             notes=status_notes(status, since_start, os.path.isdir(PVM_MODULE)) + self._view_notes(),
             overflow=self.overflow(), missed=missed,
-            _metrics=[*metrics_of(since_start), missed_metric])
+            _metrics=metrics_of(since_start))
 
     def _view_notes(self) -> list[str]:
         return [] if self.emulated else [

@@ -130,8 +130,8 @@ def test_snapshot_renders_and_exports():
     assert snap.headline().startswith("blk: 7 requests (4/s)")
     queue, issue, per_dev = snap.tables(top=10)
     assert len(queue.rows) == 3 and queue.rows[0][:4] == ["web", "loop3", "read", 4]
-    assert any("3 requests not tracked" in n for n in queue.notes)
-    assert any("2 block events missed" in n for n in queue.notes)
+    assert any("3 events not recorded" in n for n in queue.notes)
+    assert any("2 events missed" in n for n in queue.notes)
     quiet = BlkSnapshot(2.0, ops, devices, overflow=0, missed=0, expired=0)
     assert quiet.tables(top=10)[0].notes == []
     assert len(per_dev.rows) == 2

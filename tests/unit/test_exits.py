@@ -195,7 +195,7 @@ def test_snapshot_tables(views):
     tables = {t.title.split(" (")[0]: t for t in snap.tables(top=2)}
     exits = tables["exit reasons"]
     assert exits.rows[0][:6] == ["vm-a", "0", "svm", "io", 30_000, 15_000.0]
-    assert len(exits.rows) == 2 and "3 events lost" in exits.notes[-1]
+    assert len(exits.rows) == 2 and "3 events not recorded" in exits.notes[-1]
     latency = tables["exit handling latency per VM"]
     assert latency.rows[0][:2] == ["vm-a", 30_005] and "--include-idle" in latency.notes[0]
     assert tables["exits to the VMM"].rows[0][3] == "IO"
