@@ -381,11 +381,15 @@ struct call_key {
 BPF_PERCPU_HASH(calls, struct call_key, u64, 1024);
 BPF_TABLE("lru_hash", u32, u64, tun_entry, 4096);   /* tid -> tun_get_user() entry time */
 
-static __always_inline void count_call(u32 dev, u32 fn)
+/* One call of deep-probe function fn on traced device dev (0: not a traced device). */
+static __always_inline int count_call(u32 dev, u32 fn)
 {
+    if (!dev)
+        return 0;
     struct call_key k = {.dev = dev, .fn = fn};
     u64 zero = 0;
     bump(calls.lookup_or_try_init(&k, &zero), 1);
+    return 0;
 }
 
 /* The traced-device id of a struct net_device *, or 0. */
@@ -420,43 +424,28 @@ static __always_inline int on_br_handle_frame(u64 pskb, u64 a1)
 {
     u64 skb = 0;
     bpf_probe_read_kernel(&skb, 8, (void *)pskb);
-    u32 dev = skb ? skb_dev_id(skb) : 0;
-    if (dev)
-        count_call(dev, F_BR_HANDLE_FRAME);
-    return 0;
+    return count_call(skb ? skb_dev_id(skb) : 0, F_BR_HANDLE_FRAME);
 }
 
 /* br_forward(to, skb, ...): skb->dev is still the ingress port */
 static __always_inline int on_br_forward(u64 to, u64 skb)
 {
-    u32 dev = skb_dev_id(skb);
-    if (dev)
-        count_call(dev, F_BR_FORWARD);
-    return 0;
+    return count_call(skb_dev_id(skb), F_BR_FORWARD);
 }
 
 static __always_inline int on_dev_queue_xmit(u64 skb, u64 a1)
 {
-    u32 dev = skb_dev_id(skb);
-    if (dev)
-        count_call(dev, F_DEV_QUEUE_XMIT);
-    return 0;
+    return count_call(skb_dev_id(skb), F_DEV_QUEUE_XMIT);
 }
 
 static __always_inline int on_br_dev_xmit(u64 skb, u64 netdev)
 {
-    u32 dev = netdev_id(netdev);
-    if (dev)
-        count_call(dev, F_BR_DEV_XMIT);
-    return 0;
+    return count_call(netdev_id(netdev), F_BR_DEV_XMIT);
 }
 
 static __always_inline int on_tun_net_xmit(u64 skb, u64 netdev)
 {
-    u32 dev = netdev_id(netdev);
-    if (dev)
-        count_call(dev, F_TUN_NET_XMIT);
-    return 0;
+    return count_call(netdev_id(netdev), F_TUN_NET_XMIT);
 }
 
 #if DEEP_FENTRY
