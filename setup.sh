@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(python3 python3-venv python3-pip python3-bpfcc bpfcc-tools bpftool iproute2 kmod
       qemu-system-x86 nasm dnsmasq-base fio bpftrace tmux nftables busybox-static util-linux
-      prometheus)
+      prometheus python3-fusepy)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 release=$(uname -r)

@@ -3,7 +3,7 @@
  * A VM's I/O is submitted by VMM threads (QEMU's `worker` pool, main loop or
  * iou-wrk-*), all in the VM's tgid, but issued by kworkers and completed in
  * softirq: so attribute at block_bio_queue (submitter's context) and carry the
- * VM in a shared start map keyed by (dev, sector) — the only request identity
+ * VM in a shared in-flight table keyed by (dev, sector) — the only request identity
  * the tracepoints give — that the completion finds on whatever CPU it runs.
  * Not every bio of a VM is queued by one of its threads: blk-throttle (a cgroup I/O
  * limit) holds bios back and a kworker queues them later, so a device that exactly one
@@ -12,12 +12,17 @@
  * block_bio_queue fires after blk-throttle released the bio: the time a cgroup limit
  * held it is in neither latency (no tracepoint sees the bio before that).
  *
- * Cost: a hash map operation is ~20-45 ns here, an array lookup (inlined) a few, so the
- * only hash a request touches in the common case is the start map.  `rows` gives a
- * (vm, dev, op) its index in `stats`, a per-CPU array of one struct per row holding
- * every counter and histogram; the index and the device's in-flight slot ride in the
- * start entry, so issue and completion update plain array memory.  Rows and device
- * slots are handed out here on first use (never freed: cumulative).  At queue, the
+ * Cost: a hash map operation is ~20-45 ns here (an insert ~150), an array lookup
+ * (inlined) a few, so no hash map is touched per request in the common case.  Requests
+ * in flight live in `reqs`, a WAYS-way set-associative table in an array: a request's
+ * (dev, sector) hashes to a bucket, is claimed with a cmpxchg on the way's tag (free ->
+ * busy -> tag, so a reader never sees a half-written entry) and freed at completion by
+ * clearing the tag.  A full bucket evicts an entry older than 30 s (a request that never
+ * completed: counted in `expired`), else the request is counted in overflow.  `rows`
+ * gives a (vm, dev, op) its index in `stats`, a per-CPU array of one struct per row
+ * holding every counter and histogram; the index and the device's in-flight slot ride
+ * in the request's entry, so issue and completion update plain array memory.  Rows and
+ * device slots are handed out here on first use (never freed: cumulative).  At queue, the
  * whole attribution (filters, owner, row) of (task's tgid, dev, op) is remembered in a
  * small per-CPU direct-mapped cache, valid while `filter_gen` (bumped by Python after
  * it changes a filter map) is unchanged: a hit replaces three hash lookups.  Per-CPU, so
@@ -26,7 +31,8 @@
  * Parameters (-D, integers):
  *   ALL_IO      1: every process's I/O (VMs labelled, the rest as tgid 0)
  *   FILTER_DEV  1: only devices in `devs`
- *   MAX_REQS    start-map bound (requests in flight)
+ *   MAX_REQS    requests tracked in flight (a power of two, >= WAYS)
+ *   WAYS        entries per bucket of the in-flight table (a power of two)
  *   MAX_ROWS    stats rows: (vm, device, op) combinations
  *   MAX_DEVS    devices with an in-flight count
  */
@@ -39,7 +45,7 @@
 #define FILTER_DEV 0
 #endif
 #ifndef MAX_REQS
-#define MAX_REQS 16384
+#define MAX_REQS 4096
 #endif
 #ifndef MAX_ROWS
 #define MAX_ROWS 64
@@ -48,6 +54,15 @@
 #define MAX_DEVS 256
 #endif
 #define CACHE_BITS 8
+
+/* The in-flight table: MAX_REQS entries in buckets of WAYS (8 tags: one cache line). */
+#ifndef WAYS
+#define WAYS 8
+#endif
+#define NBUCKETS (MAX_REQS / WAYS)
+#define TAG_FREE 0
+#define TAG_BUSY 1             /* being written: no reader matches it */
+#define STALE_NS (30ULL * 1000000000ULL)
 
 /* Operations (names in kvmbpf/collectors/blk.py OPS). */
 #define OP_READ 0
@@ -60,7 +75,7 @@
 #define NO_OWNER 0xffffffff
 
 /* Overflow slots. */
-#define OVF_START 0    /* a request not tracked: start map full */
+#define OVF_START 0    /* a request not tracked: its bucket of the in-flight table full */
 #define OVF_ROWS 1     /* an event not counted: stats rows or device slots all taken */
 
 /* Histogram slots kept per row: hist_slot() of values below 2^E lies below
@@ -81,14 +96,21 @@ struct req_key {
 };
 
 struct req_val {
+    u64 sector;        /* identity, with dev (the tag only narrows the search) */
     u64 queue_ts;      /* 0: queued before tracing or not seen (ALL_IO, issue only) */
     u64 issue_ts;
+    u32 dev;
     u32 tgid;          /* VM pid; 0 = not a VM (ALL_IO) */
     u32 row;           /* index in stats */
     u16 devslot;       /* index in inflight */
     u8 op;
     u8 issued;         /* counted in inflight (undone by complete/requeue) */
-    u32 __pad1;
+};
+
+/* One bucket of the in-flight table; tag[i] says whether val[i] is in use. */
+struct req_bucket {
+    u64 tag[WAYS];
+    struct req_val val[WAYS];
 };
 
 struct row_key {
@@ -139,7 +161,8 @@ struct row_stats {
 KVMBPF_FILTER_MAPS
 KVMBPF_OVERFLOW_MAP
 BPF_HASH(devs, u32, u32, 1024);          /* dev_t -> owning VM's pid or NO_OWNER */
-BPF_HASH(start, struct req_key, struct req_val, MAX_REQS);
+BPF_ARRAY(reqs, struct req_bucket, NBUCKETS);
+BPF_ARRAY(expired, u64, 1);             /* entries evicted after STALE_NS without completion */
 BPF_HASH(rows, struct row_key, struct row_ref, MAX_ROWS);
 BPF_HASH(devslots, u32, u32, MAX_DEVS);
 BPF_ARRAY(allocated, u64, 2);            /* [0] rows, [1] device slots handed out */
@@ -268,7 +291,7 @@ static __always_inline struct row_stats *stats_of(u32 row)
     return stats.lookup(&row);
 }
 
-/* Fill a start entry's attribution for (vm, dev, op); 0 if it has no row. */
+/* Fill a request entry's attribution for (vm, dev, op); 0 if it has no row. */
 static __always_inline int attribute(struct req_val *v, u32 tgid, u32 dev, u8 op)
 {
     struct row_ref *ref = row_of(tgid, dev, op);
@@ -319,10 +342,112 @@ static __always_inline int attribute_bio(struct req_val *v, u32 dev, u8 op)
     return 1;
 }
 
-static __always_inline void track(struct req_key *k, struct req_val *v)
+/* Where a request's entry lies. */
+struct req_ref {
+    struct req_bucket *b;
+    u32 way;
+};
+
+/* The request's bucket, and its tag: a mix of (dev, sector) that is never TAG_FREE/BUSY. */
+static __always_inline struct req_bucket *bucket_of(struct req_key *k, u64 *tag)
 {
-    if (start.update(k, v) != 0)
-        overflowed(OVF_START);
+    u64 h = k->sector * 0x9E3779B97F4A7C15ULL ^ (u64)k->dev * 0xC2B2AE3D27D4EB4FULL;
+    h ^= h >> 29;
+    *tag = h | 2;
+    u32 idx = (h >> 2) & (NBUCKETS - 1);
+    return reqs.lookup(&idx);
+}
+
+/* The way holding request k in bucket b, or -1. */
+static __always_inline int way_of(struct req_bucket *b, u64 tag, struct req_key *k)
+{
+#pragma unroll
+    for (int i = 0; i < WAYS; i++)
+        if (b->tag[i] == tag && b->val[i].dev == k->dev && b->val[i].sector == k->sector)
+            return i;
+    return -1;
+}
+
+static __always_inline struct req_val *req_find(struct req_key *k, struct req_ref *ref)
+{
+    u64 tag;
+    struct req_bucket *b = bucket_of(k, &tag);
+    if (!b)
+        return NULL;
+    int way = way_of(b, tag, k);
+    if (way < 0)
+        return NULL;
+    ref->b = b;
+    ref->way = way & (WAYS - 1);
+    return &b->val[ref->way];
+}
+
+static __always_inline void req_free(struct req_ref *ref)
+{
+    *(volatile u64 *)&ref->b->tag[ref->way & (WAYS - 1)] = TAG_FREE;
+}
+
+/* Copy request k's entry to *out and free it; 0 if k is not tracked. */
+static __always_inline int req_take(struct req_key *k, struct req_val *out)
+{
+    struct req_ref ref = {};
+    struct req_val *v = req_find(k, &ref);
+    if (!v)
+        return 0;
+    *out = *v;
+    req_free(&ref);
+    return 1;
+}
+
+/* A way of b made busy for a new entry: a free one, else one whose request has not
+ * completed in STALE_NS (counted in `expired`); -1 if none. */
+static __always_inline int claim(struct req_bucket *b)
+{
+#pragma unroll
+    for (int i = 0; i < WAYS; i++)
+        if (b->tag[i] == TAG_FREE && __sync_val_compare_and_swap(&b->tag[i], TAG_FREE, TAG_BUSY) == TAG_FREE)
+            return i;
+    u64 now = bpf_ktime_get_ns();
+#pragma unroll
+    for (int i = 0; i < WAYS; i++) {
+        u64 tag = b->tag[i];
+        u64 last = b->val[i].issue_ts > b->val[i].queue_ts ? b->val[i].issue_ts : b->val[i].queue_ts;
+        if (tag > TAG_BUSY && now - last > STALE_NS &&
+            __sync_val_compare_and_swap(&b->tag[i], tag, TAG_BUSY) == tag) {
+            u32 zero = 0;
+            u64 *n = expired.lookup(&zero);
+            if (n)
+                __sync_fetch_and_add(n, 1);
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Track request k; an entry for the same (dev, sector) is replaced, as a map update would.
+ * A request that finds its bucket full is counted in overflow, unless `retry` says it is a
+ * second try (issue_only: the miss at queue, if any, was counted then). */
+static __always_inline int track(struct req_key *k, struct req_val *v, int retry)
+{
+    u64 tag;
+    struct req_bucket *b = bucket_of(k, &tag);
+    if (!b)
+        return 0;
+    v->dev = k->dev;
+    v->sector = k->sector;
+    int way = way_of(b, tag, k);
+    if (way < 0)
+        way = claim(b);
+    if (way < 0) {
+        if (!retry)
+            overflowed(OVF_START);
+        return 0;
+    }
+    u32 i = way & (WAYS - 1);
+    b->val[i] = *v;
+    asm volatile("" ::: "memory");      /* the entry before its tag (x86 keeps store order) */
+    *(volatile u64 *)&b->tag[i] = tag;
+    return 1;
 }
 
 static __always_inline s64 inflight_add(u32 devslot, s64 delta)
@@ -349,7 +474,7 @@ TRACEPOINT_PROBE(block, block_bio_queue)
         return 0;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
     v.queue_ts = bpf_ktime_get_ns();
-    track(&k, &v);
+    track(&k, &v, 0);
     return 0;
 }
 
@@ -372,7 +497,8 @@ TRACEPOINT_PROBE(block, block_bio_backmerge)
     if (!attribute_bio(&mine, args->dev, op_of(args->rwbs, args->nr_sector)))
         return 0;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    start.delete(&k);
+    struct req_val gone;
+    req_take(&k, &gone);
     count_merge(&mine, 0);
     return 0;
 }
@@ -385,12 +511,10 @@ TRACEPOINT_PROBE(block, block_bio_frontmerge)
     if (!attribute_bio(&mine, args->dev, op_of(args->rwbs, args->nr_sector)))
         return 0;
     struct req_key old = req_key_of(args->dev, args->sector + args->nr_sector, args->nr_sector);
-    struct req_val *v = start.lookup(&old);
-    if (v) {
-        struct req_val keep = *v;
+    struct req_val keep;
+    if (req_take(&old, &keep)) {
         struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-        start.delete(&old);
-        track(&k, &keep);
+        track(&k, &keep, 0);
     }
     count_merge(&mine, 1);
     return 0;
@@ -400,13 +524,12 @@ TRACEPOINT_PROBE(block, block_bio_frontmerge)
 TRACEPOINT_PROBE(block, block_rq_merge)
 {
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    struct req_val *v = start.lookup(&k);
-    if (!v)
+    struct req_val v;
+    if (!req_take(&k, &v))
         return 0;
-    struct row_stats *s = stats_of(v->row);
+    struct row_stats *s = stats_of(v.row);
     if (s)
         s->rq_merges++;
-    start.delete(&k);
     return 0;
 }
 
@@ -415,14 +538,12 @@ TRACEPOINT_PROBE(block, block_rq_merge)
 TRACEPOINT_PROBE(block, block_bio_remap)
 {
     struct req_key old = req_key_of(args->old_dev, args->old_sector, args->nr_sector);
-    struct req_val *v = start.lookup(&old);
-    if (!v)
+    struct req_val moved;
+    if (!req_take(&old, &moved))
         return 0;
-    struct req_val moved = *v;
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    start.delete(&old);
     if (attribute(&moved, moved.tgid, args->dev, moved.op))
-        track(&k, &moved);
+        track(&k, &moved, 0);
     return 0;
 }
 
@@ -436,8 +557,10 @@ static __always_inline struct req_val *issue_only(struct req_key *k, u32 dev, u8
     struct req_val fresh = {};
     if (!attribute(&fresh, 0, dev, op))
         return NULL;
-    track(k, &fresh);
-    return start.lookup(k);
+    if (!track(k, &fresh, 1))
+        return NULL;
+    struct req_ref ref = {};
+    return req_find(k, &ref);
 #else
     return NULL;
 #endif
@@ -446,7 +569,8 @@ static __always_inline struct req_val *issue_only(struct req_key *k, u32 dev, u8
 TRACEPOINT_PROBE(block, block_rq_issue)
 {
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    struct req_val *v = start.lookup(&k);
+    struct req_ref ref = {};
+    struct req_val *v = req_find(&k, &ref);
     if (!v) {
         v = issue_only(&k, args->dev, op_of(args->rwbs, args->nr_sector));
         if (!v)
@@ -467,7 +591,8 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 TRACEPOINT_PROBE(block, block_rq_requeue)
 {
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    struct req_val *v = start.lookup(&k);
+    struct req_ref ref = {};
+    struct req_val *v = req_find(&k, &ref);
     if (!v)
         return 0;
     if (v->issued) {
@@ -483,12 +608,10 @@ TRACEPOINT_PROBE(block, block_rq_requeue)
 TRACEPOINT_PROBE(block, block_rq_complete)
 {
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    struct req_val *found = start.lookup(&k);
-    if (!found)
+    struct req_val v;
+    if (!req_take(&k, &v))
         return 0;
     u64 now = bpf_ktime_get_ns();
-    struct req_val v = *found;
-    start.delete(&k);
     if (v.issued)
         inflight_add(v.devslot, -1);
     struct row_stats *s = stats_of(v.row);

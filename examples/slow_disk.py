@@ -16,15 +16,14 @@ Run as root: .venv/bin/python examples/slow_disk.py
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from example_kit import Around, Diagnosis, around_command, kvmbpf_json, main, new_lab, say, vm_name
 
 from kvmbpf.hist import slot_mid
+from kvmbpf.lab.resources import io_throttle
 from kvmbpf.lab.vm import LabVM
 
 IOPS = 20
@@ -33,8 +32,6 @@ FILLED = 1 << 20              # bytes of the backing file given real data (holes
 SECONDS = 4
 SLOW_MS = 10.0                # a p90 above this on a local disk is slow
 DEVICE_SHARE = 0.8            # issue->complete / queue->complete above this: the device's time
-CGROUP_V1 = Path("/sys/fs/cgroup/blkio")
-CGROUP_V2 = Path("/sys/fs/cgroup")
 
 
 @dataclass
@@ -43,48 +40,6 @@ class Scenario:
     loop: str                 # e.g. "loop3"
     backing_dev: str          # major:minor of the disk under the backing file
     cgroup: Path
-
-
-def whole_disk(dev: int) -> tuple[str, str]:
-    """(name, major:minor) of the disk holding a file (a partition's parent: throttles are
-    per disk)."""
-    sysdir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
-    if (sysdir / "partition").exists():
-        sysdir = sysdir.parent
-    return sysdir.name, (sysdir / "dev").read_text().strip()
-
-
-@contextlib.contextmanager
-def throttled(pid: int, disk: str, iops: int):
-    """A block cgroup holding process `pid` with `iops` reads and writes per second on
-    `disk`; its processes go back to the root cgroup and it is removed on exit."""
-    if (CGROUP_V1 / "blkio.throttle.read_iops_device").exists():
-        root, limits = CGROUP_V1, {"blkio.throttle.read_iops_device": f"{disk} {iops}",
-                                   "blkio.throttle.write_iops_device": f"{disk} {iops}"}
-    elif "io" in _read(CGROUP_V2 / "cgroup.subtree_control").split():
-        root, limits = CGROUP_V2, {"io.max": f"{disk} riops={iops} wiops={iops}"}
-    else:
-        raise RuntimeError("no block cgroup controller to throttle with (cgroup v1 blkio, or v2 "
-                           "with io enabled in /sys/fs/cgroup/cgroup.subtree_control)")
-    group = root / f"kvmbpf-ex{uuid.uuid4().hex[:6]}"
-    group.mkdir()
-    try:
-        for name, value in limits.items():
-            (group / name).write_text(value)
-        (group / "cgroup.procs").write_text(str(pid))
-        yield group
-    finally:
-        for member in _read(group / "cgroup.procs").split():
-            with contextlib.suppress(OSError):
-                (root / "cgroup.procs").write_text(member)
-        group.rmdir()
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 def fill(path: str, size: int) -> None:
@@ -100,10 +55,11 @@ def run(around: Around = None) -> Diagnosis:
         name = vm_name("slow")
         disk = lab.loop_disk(name)
         fill(disk.backing, FILLED)
-        backing, majmin = whole_disk(os.stat(disk.backing).st_dev)
+        backing, majmin = disk.whole_disk()
         say(f"starting lab guest {name}: {READS} one-sector reads of {disk.device}, round after round")
         vm = lab.start_vm(name, "disk", {"READS": READS, "ROUNDS": 0}, disk=disk)
-        with throttled(vm.pid, majmin, IOPS) as group:
+        with io_throttle(majmin, IOPS) as group:
+            (group / "cgroup.procs").write_text(str(vm.pid))
             say(f"throttled {name}'s I/O on {backing} (under {disk.backing}) to {IOPS} IOPS")
             loop = os.path.basename(disk.device)
             with around_command(around, Scenario(vm, loop, majmin, group)):

@@ -18,7 +18,6 @@ import ctypes
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,11 +36,13 @@ KINDS = ("queue", "issue", "size", "depth")
 QUEUE, ISSUE, SIZE, DEPTH = range(len(KINDS))
 #: Counters of struct row_stats (field names); requests = the size histogram's count.
 COUNTERS = ("bytes", "errors", "backmerges", "frontmerges", "rq_merges", "requeues")
-#: Start-map bound, stats rows ((vm, device, op) combinations: ~17 KB each per CPU), and
-#: the age after which an entry is taken as never completing.
-MAX_REQS = 16384
+#: Requests tracked in flight (blk.bpf.c's table: WAYS-way buckets; an entry that never
+#: completes is evicted after 30 s when its bucket is full) and stats rows ((vm, device, op)
+#: combinations: ~17 KB each per CPU).  The table is small on purpose: ~200 KB, so its
+#: random accesses stay in cache (16384 entries cost +60 ns per request, benchmarks/README.md).
+MAX_REQS = 4096
+WAYS = 8
 MAX_ROWS = 64
-STALE_NS = 30 * 10**9
 HOST = "host"   # label of I/O from processes that are not VMs (--all)
 
 _MAJMIN_RE = re.compile(r"^(\d+):(\d+)$")
@@ -142,9 +143,9 @@ class BlkSnapshot:
     interval_s: float
     ops: list[OpStats]
     devices: list[DeviceStats]
-    overflow: int                  # requests not tracked since start (start map or rows full)
+    overflow: int                  # requests not tracked since start (in-flight bucket or rows full)
     missed: int                    # events the kernel kept from the programs this interval
-    expired: int                   # tracked requests dropped since start: no completion in 30 s
+    expired: int                   # tracked requests evicted since start: no completion in 30 s
     _metrics: list[Metric] = field(default_factory=list)
 
     def headline(self) -> str:
@@ -158,9 +159,10 @@ class BlkSnapshot:
     def tables(self, top: int) -> list[TableData]:
         notes = loss_notes(self.overflow, self.missed)
         if self.overflow:
-            notes.append(f"(blk: the start map was full, or more than {MAX_ROWS} vm/device/op rows)")
+            notes.append(f"(blk: more than {WAYS} requests in flight hashed to one bucket of "
+                         f"{MAX_REQS}/{WAYS}, or more than {MAX_ROWS} vm/device/op rows)")
         if self.expired:
-            notes.append(f"{self.expired} requests dropped without completion after 30 s")
+            notes.append(f"{self.expired} requests evicted: no completion after 30 s")
         ops = sorted(self.ops, key=lambda o: -o.requests)[:top]
         lead = ["vm", "device", "op", "reqs", "KiB"]
 
@@ -295,16 +297,19 @@ class BlkCollector(BaseCollector):
 
     program_name = "blk"
 
-    def __init__(self, scope: Scope, devices: tuple[tuple[int, int], ...] = (), all_io: bool = False):
+    def __init__(self, scope: Scope, devices: tuple[tuple[int, int], ...] = (), all_io: bool = False,
+                 max_reqs: int = MAX_REQS):
+        """max_reqs: in-flight table size (a power of two, at least WAYS; tests shrink it)."""
+        if max_reqs < WAYS or max_reqs & (max_reqs - 1):
+            raise KvmbpfError(f"blk: in-flight table size {max_reqs} is not a power of two >= {WAYS}")
         if all_io and (scope.names or scope.pids):
             raise KvmbpfError("--all traces every process's I/O: leave out --vm/--pid")
         if scope.vcpus:
             raise KvmbpfError("--vcpu does not apply to blk (VM I/O is submitted by VMM threads)")
         self.devs = [kernel_dev(major, minor) for major, minor in devices]
         self.all_io = all_io
-        self.expired = 0
         super().__init__(scope, {"ALL_IO": int(all_io), "FILTER_DEV": int(bool(self.devs)),
-                                 "MAX_REQS": MAX_REQS, "MAX_ROWS": MAX_ROWS})
+                                 "MAX_REQS": max_reqs, "WAYS": WAYS, "MAX_ROWS": MAX_ROWS})
         table = self.program.table("stats")
         self.layout = row_layout(table.sLeaf)
 
@@ -327,7 +332,6 @@ class BlkCollector(BaseCollector):
 
     def snapshot(self) -> BlkSnapshot:
         self.refresh()
-        self.expire()
         elapsed = self.interval.tick()
         hists, counts = self.read_rows()
         ops, devices = build_stats(self.interval.counts("hists", hists),
@@ -335,18 +339,9 @@ class BlkCollector(BaseCollector):
         cumulative = self.interval.last_counts
         metrics = op_metrics(*build_stats(cumulative.get("hists", {}), cumulative.get("counts", {}),
                                           self.vm_name, device_label))
+        expired = sum(self.program.read("expired").values())
         return BlkSnapshot(round(elapsed, 6), ops, devices, self.overflow(), self.missed(),
-                           self.expired, metrics)
-
-    def expire(self) -> None:
-        """Drop start entries older than STALE_NS (bio-based devices, lost completions),
-        so requests that never complete cannot fill the map; counted, never silent."""
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        table = self.program.table("start")
-        for key, val in self.program.read_raw("start"):
-            if now - max(val.queue_ts, val.issue_ts) > STALE_NS:
-                table.pop(key, None)
-                self.expired += 1
+                           expired, metrics)
 
 
 #: `devs` value of a traced device that no single VM owns (NO_OWNER in blk.bpf.c).

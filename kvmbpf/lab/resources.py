@@ -5,12 +5,15 @@ so `lab down` and the tests remove only their own things.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..errors import KvmbpfError
 
@@ -72,3 +75,50 @@ class LoopDisk:
     def destroy(self) -> None:
         sh("losetup", "-d", self.device, check=False)
         Path(self.backing).unlink(missing_ok=True)
+
+
+    def whole_disk(self) -> tuple[str, str]:
+        """(name, major:minor) of the disk holding the backing file (a partition's parent:
+        cgroup I/O limits are per disk)."""
+        dev = os.stat(self.backing).st_dev
+        sysdir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
+        if (sysdir / "partition").exists():
+            sysdir = sysdir.parent
+        return sysdir.name, (sysdir / "dev").read_text().strip()
+
+
+CGROUP_V1_BLKIO = Path("/sys/fs/cgroup/blkio")
+CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+@contextlib.contextmanager
+def io_throttle(disk: str, iops: int) -> Iterator[Path]:
+    """A block cgroup allowing `iops` reads and writes per second on `disk` (major:minor),
+    as a cloud volume's IOPS limit would; the caller moves processes into it (write a pid to
+    its cgroup.procs).  On exit they go back to the root cgroup and the group is removed."""
+    if (CGROUP_V1_BLKIO / "blkio.throttle.read_iops_device").exists():
+        root, limits = CGROUP_V1_BLKIO, {"blkio.throttle.read_iops_device": f"{disk} {iops}",
+                                         "blkio.throttle.write_iops_device": f"{disk} {iops}"}
+    elif "io" in _read(CGROUP_V2 / "cgroup.subtree_control").split():
+        root, limits = CGROUP_V2, {"io.max": f"{disk} riops={iops} wiops={iops}"}
+    else:
+        raise KvmbpfError("no block cgroup controller to throttle with (cgroup v1 blkio, or v2 "
+                          "with io enabled in /sys/fs/cgroup/cgroup.subtree_control)")
+    group = root / f"kvmbpf-io{uuid.uuid4().hex[:6]}"
+    group.mkdir()
+    try:
+        for name, value in limits.items():
+            (group / name).write_text(value)
+        yield group
+    finally:
+        for member in _read(group / "cgroup.procs").split():
+            with contextlib.suppress(OSError):
+                (root / "cgroup.procs").write_text(member)
+        group.rmdir()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

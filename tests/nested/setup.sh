@@ -25,7 +25,8 @@ CACHE=${KVMBPF_NESTED_CACHE:-/var/cache/kvmbpf-nested}
 #   virtio_pci, 9pnet_virtio, 9p : to mount the host shares (modules in Debian)
 #   irqbypass, kvm, ccp, kvm-amd : nested /dev/kvm (kvm-amd needs ccp for SEV)
 #   tun, bridge, stp, llc, veth  : for network tests
-MODULES="virtio_pci 9pnet_virtio 9p irqbypass kvm ccp kvm-amd tun llc stp bridge veth ${KVMBPF_NESTED_MODULES:-}"
+#   loop, fuse                   : block devices (one of steady latency) for the blk comparison
+MODULES="virtio_pci 9pnet_virtio 9p irqbypass kvm ccp kvm-amd tun llc stp bridge veth loop fuse ${KVMBPF_NESTED_MODULES:-}"
 
 log() { echo "setup.sh: $*" >&2; }
 
