@@ -1,6 +1,14 @@
-"""What `kvmbpf blk` costs per block event, measured by the kernel itself.
+"""What `kvmbpf blk` costs per block request.
 
-fio (psync 4k randread) on a loop device over a /dev/shm file, with three tracers attached
+fio (psync 4k randread) on a loop device over a /dev/shm file.
+
+Part 1, the whole cost: the kernel's per-event tracepoint work (building the event record,
+dispatching the program) is paid by every tracer, empty programs included, and is not in any
+program's run time.  So each mode runs alone, modes interleaved over rounds, and the host's
+busy CPU time (/proc/stat: user, nice, system, irq, softirq; both CPUs) per fio request is
+compared with an untraced run: added ns per request, medians over the rounds.
+
+Part 2, the programs alone, measured by the kernel itself: four tracers attached
 to the same tracepoints at once, so every one of them runs for exactly the same events:
   empty      bpftrace programs with empty bodies on the eight tracepoints kvmbpf blk uses
   clock      bpftrace programs that only read the clock, on the three tracepoints every
@@ -13,12 +21,13 @@ tracepoint we report ns per event, and per request the sum over the tracepoints 
 passes (each tracer's total run time / fio's requests).  Wall-clock throughput is not used:
 on a shared host single fio runs varied 30x.  The kernel's own per-event work (tracepoint
 record, program dispatch) is the same for every tracer and is not in these figures.
-Run as root: .venv/bin/python benchmarks/blk_bench.py [seconds]
+Run as root: .venv/bin/python benchmarks/blk_bench.py [stats-seconds] [part1-seconds] [rounds]
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,16 +96,45 @@ def report(stats: dict[str, dict[str, bpfstats.Cost]], requests: int, seconds: f
     print(f"kvmbpf / bpftrace = {per_req['kvmbpf'] / per_req['bpftrace']:.2f}")
 
 
-def main() -> None:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10
+def busy_ns() -> int:
+    """CPU time the host spent busy, all CPUs (steal, idle and iowait left out)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) * 10**9 // os.sysconf("SC_CLK_TCK")
+
+
+def busy_per_request(mode: str, device: str, dev: int, seconds: float) -> float:
+    proc = None if mode == "untraced" else start(mode, device, dev)[0]
+    try:
+        before = busy_ns()
+        requests = fio(device, seconds)
+        return (busy_ns() - before) / requests
+    finally:
+        if proc:
+            bpfstats.stop_tracer(proc)
+
+
+def part1(device: str, dev: int, seconds: float, rounds: int) -> None:
+    modes = ("untraced",) + MODES
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            runs[mode].append(busy_per_request(mode, device, dev, seconds))
+    med = {m: statistics.median(v) for m, v in runs.items()}
+    added = {m: med[m] - med["untraced"] for m in MODES}
+    print(f"part 1: each mode alone, {rounds} rounds of {seconds:g}s, busy CPU ns per request (median)")
+    for m in modes:
+        extra = f"  added {added[m]:7.1f}" if m in added else ""
+        print(f"{m:10}{med[m]:10.1f}{extra}   runs: " + " ".join(f"{v:.0f}" for v in runs[m]))
+    for m in ("clock", "bpftrace", "kvmbpf"):
+        print(f"added {m} / added empty = {added[m] / added['empty']:.2f}")
+    print(f"added kvmbpf / added bpftrace = {added['kvmbpf'] / added['bpftrace']:.2f}")
+
+
+def part2(device: str, dev: int, seconds: float) -> None:
     tracers: list[subprocess.Popen] = []
-    with bpfstats.enabled(), tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvmbpf-blkbench-") as backing:
-        backing.truncate(64 << 20)
-        device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", backing.name],
-                                capture_output=True, text=True, check=True).stdout.strip()
+    with bpfstats.enabled():
         try:
-            st = os.stat(device)
-            dev = (os.major(st.st_rdev) << 20) | os.minor(st.st_rdev)
             owned: dict[str, dict[int, str]] = {}
             for mode in MODES:
                 proc, owned[mode] = start(mode, device, dev)
@@ -107,9 +145,26 @@ def main() -> None:
         finally:
             for proc in tracers:
                 bpfstats.stop_tracer(proc)
-            subprocess.run(["losetup", "-d", device], check=False)
     stats = {m: bpfstats.per_event(before, after, progs) for m, progs in owned.items()}
     report(stats, requests, seconds)
+
+
+def main() -> None:
+    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 10
+    part1_seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 5
+    rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+    with tempfile.NamedTemporaryFile(dir="/dev/shm", prefix="kvmbpf-blkbench-") as backing:
+        backing.truncate(64 << 20)
+        device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", backing.name],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        try:
+            st = os.stat(device)
+            dev = (os.major(st.st_rdev) << 20) | os.minor(st.st_rdev)
+            if rounds:
+                part1(device, dev, part1_seconds, rounds)
+            part2(device, dev, seconds)
+        finally:
+            subprocess.run(["losetup", "-d", device], check=False)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,8 @@ class BlkSnapshot:
             notes.append(f"(blk: more than {WAYS} requests in flight hashed to one bucket of "
                          f"{MAX_REQS}/{WAYS}, or more than {MAX_ROWS} vm/device/op rows)")
         if self.expired:
-            notes.append(f"{self.expired} requests evicted: no completion after 30 s")
+            notes.append(f"{self.expired} requests evicted from the in-flight table: "
+                         "no completion after 30 s")
         ops = sorted(self.ops, key=lambda o: -o.requests)[:top]
         lead = ["vm", "device", "op", "reqs", "KiB"]
 
