@@ -71,8 +71,10 @@
 #define OP_DISCARD 3
 #define OP_OTHER 4
 
-/* `devs` value of a device no single VM owns: attribute by the queueing thread. */
+/* `devs` values: a device no single VM owns (attribute by the queueing thread); a device
+ * whose bios never become requests (zram, brd: no completion event would free them). */
 #define NO_OWNER 0xffffffff
+#define NO_REQUESTS 0xfffffffe
 
 /* Overflow slots. */
 #define OVF_START 0    /* a request not tracked: its bucket of the in-flight table full */
@@ -225,6 +227,8 @@ static __always_inline s64 submitter_vm(u32 tgid)
 static __always_inline s64 bio_vm(u32 tgid, u32 dev)
 {
     u32 *owner = devs.lookup(&dev);
+    if (owner && *owner == NO_REQUESTS)
+        return -1;
     if (owner && *owner != NO_OWNER)
         return *owner;
     if (FILTER_DEV && !owner)

@@ -290,6 +290,21 @@ def block_device_name(major: int, minor: int, sys: str = "/sys") -> str:
     return f"{major}:{minor}"
 
 
+def bio_only_devices(sys: str = "/sys") -> list[tuple[int, int]]:
+    """(major, minor) of block devices (and their partitions) that complete bios themselves:
+    no blk-mq queue (`mq`) and nothing under them (`slaves`) to pass bios on to — zram, brd,
+    pmem.  Their bios never become requests, so no request tracepoint ever ends them."""
+    out = []
+    for link in sorted((Path(sys) / "dev" / "block").glob("*:*")):
+        disk = link.resolve()
+        if (disk / "partition").exists():
+            disk = disk.parent
+        if not (disk / "mq").exists() and not any((disk / "slaves").glob("*")):
+            major, minor = link.name.split(":")
+            out.append((int(major), int(minor)))
+    return out
+
+
 def _read(path: Path) -> str:
     try:
         with open(path, "rb") as fh:

@@ -25,7 +25,7 @@ from typing import Callable
 from ..bpf import key_tuple
 from ..errors import KvmbpfError
 from ..hist import Histogram
-from ..inventory import VM, block_device_name, kernel_dev
+from ..inventory import VM, bio_only_devices, block_device_name, kernel_dev
 from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
@@ -316,8 +316,9 @@ class BlkCollector(BaseCollector):
 
     def update_filters(self) -> None:
         super().update_filters()
+        bio_only = [kernel_dev(major, minor) for major, minor in bio_only_devices()]
         self.program.fill("devs", device_map(vm_devices(self.scope.vms, self.scope.inv.vms),
-                                             self.devs))
+                                             self.devs, bio_only))
         gen = self.program.table("filter_gen")    # after the fills: drops cached attributions
         gen[0] = gen.Leaf(gen[0].value + 1)
 
@@ -345,16 +346,19 @@ class BlkCollector(BaseCollector):
                            expired, metrics)
 
 
-#: `devs` value of a traced device that no single VM owns (NO_OWNER in blk.bpf.c).
+#: `devs` values (NO_OWNER, NO_REQUESTS in blk.bpf.c): a traced device that no single VM
+#: owns; a device whose bios never become requests (inventory.bio_only_devices), not tracked:
+#: no completion would ever free their entries.
 NO_OWNER = 0xFFFFFFFF
+NO_REQUESTS = 0xFFFFFFFE
 
 
-def device_map(owners: dict[int, int], traced: list[int]) -> dict[int, int]:
+def device_map(owners: dict[int, int], traced: list[int], bio_only: list[int]) -> dict[int, int]:
     """`devs` content: with --dev, exactly those devices (owner VM or NO_OWNER, a miss
-    drops the event); without, the VM-owned devices (a miss: attribute by thread)."""
-    if not traced:
-        return owners
-    return {dev: owners.get(dev, NO_OWNER) for dev in traced}
+    drops the event); without, the VM-owned devices (a miss: attribute by thread).
+    Bio-only devices are marked NO_REQUESTS either way."""
+    devs = {dev: owners.get(dev, NO_OWNER) for dev in traced} if traced else dict(owners)
+    return devs | {dev: NO_REQUESTS for dev in bio_only}
 
 
 def device_filter(specs: tuple[str, ...]) -> tuple[tuple[int, int], ...]:

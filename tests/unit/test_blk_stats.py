@@ -4,13 +4,14 @@ import ctypes
 import pytest
 
 from kvmbpf.collectors.base import Scope
-from kvmbpf.collectors.blk import (COUNTERS, DEPTH, ISSUE, KINDS, NO_OWNER, OPS, QUEUE, SIZE,
+from kvmbpf.collectors.blk import (COUNTERS, DEPTH, ISSUE, KINDS, NO_OWNER, NO_REQUESTS, OPS, QUEUE,
+                                   SIZE,
                                    BlkCollector, BlkSnapshot, build_stats, device_map, op_metrics,
                                    parse_device, row_counts, row_layout, split_dev, sum_cpus,
                                    vm_devices)
 from kvmbpf.errors import KvmbpfError
 from kvmbpf.hist import slot_of
-from kvmbpf.inventory import VM, Disk, kernel_dev
+from kvmbpf.inventory import VM, Disk, bio_only_devices, kernel_dev
 
 
 @pytest.fixture
@@ -97,9 +98,40 @@ def test_stats_rows_become_hist_and_counter_rows():
 
 def test_device_map_filters_only_with_dev():
     owners = {LOOP3: 100}
-    assert device_map(owners, []) == owners
-    assert device_map(owners, [LOOP3, SDA]) == {LOOP3: 100, SDA: NO_OWNER}
-    assert device_map({}, [SDA]) == {SDA: NO_OWNER}
+    assert device_map(owners, [], []) == owners
+    assert device_map(owners, [LOOP3, SDA], []) == {LOOP3: 100, SDA: NO_OWNER}
+    assert device_map({}, [SDA], []) == {SDA: NO_OWNER}
+
+
+def test_device_map_marks_bio_only_devices_in_both_modes():
+    zram = kernel_dev(252, 0)
+    assert device_map({LOOP3: 100}, [], [zram]) == {LOOP3: 100, zram: NO_REQUESTS}
+    assert device_map({}, [SDA, zram], [zram]) == {SDA: NO_OWNER, zram: NO_REQUESTS}
+
+
+def test_bio_only_devices_from_sysfs(tmp_path):
+    """A blk-mq disk (mq/) and its partition, a dm device (a slave under it), a zram disk and
+    a pmem partition (neither): only the last two complete bios themselves."""
+    def disk(name, dev, mq=False, slaves=(), parent=None):
+        d = (parent or tmp_path / "devices") / name
+        d.mkdir(parents=True)
+        (d / "slaves").mkdir()
+        for s in slaves:
+            (d / "slaves" / s).touch()
+        if mq:
+            (d / "mq").mkdir()
+        if parent:
+            (d / "partition").write_text("1")
+        link = tmp_path / "dev" / "block" / dev
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(d)
+        return d
+    sda = disk("sda", "8:0", mq=True)
+    disk("sda1", "8:1", parent=sda)
+    disk("dm-0", "253:0", slaves=("sda1",))
+    disk("zram0", "252:0")
+    disk("pmem0p1", "259:1", parent=disk("pmem0", "259:0"))
+    assert bio_only_devices(str(tmp_path)) == [(252, 0), (259, 0), (259, 1)]
 
 
 def test_build_stats_rows_per_vm_device_op():
