@@ -272,7 +272,7 @@ def write_totals(snapshots: list[dict], device: str) -> tuple[int, int, dict[str
     return sum(o["requests"] for o in rows), sum(s["missed"] for s in snapshots), hists
 
 
-DELAY_MS = 2
+DELAY_MS = 5
 
 
 @pytest.fixture
@@ -308,19 +308,23 @@ def delay_disk(tmp_path):
 def test_fio_clat_percentiles_on_a_steady_device(delay_disk, no_leaked_probes):
     """fio's own completion latency as the ground truth, on a device whose every request
     takes DELAY_MS (the loop device's backing file lives in tests/delayfs.py): what a syscall
-    adds around its request (~30 us here: submission, waking fio) stays inside 10 %.
+    adds around its request (submission, waking fio: ~30 us here, at the tail a few hundred
+    when the host is busy) stays inside 10 %.
     (On a loop device over a plain file a request takes ~90 us against fio's ~120 us clat:
     that gap is the syscall, not an error; test_fio_count_and_latency_percentiles compares
-    those to bpftrace instead.)  Both intervals are checked: nothing queues in the host here."""
-    tracer = Tracer("--all", "--dev", delay_disk)
+    those to bpftrace instead.)  Both intervals are checked: nothing queues in the host here.
+    One 5 s interval covers fio's ~2 s: with 0.5 s intervals, each read of the maps (a few ms
+    of CPU on this 2-CPU host) delayed a few of fio's wakeups by ~1 ms, which fio's p99 showed
+    (6.6 ms against 5.4 ms in the device) and the device's did not."""
+    tracer = Tracer("--all", "--dev", delay_disk, interval=5)
     try:
         tracer.started()
-        fio = _fio(delay_disk, 500)
+        fio = _fio(delay_disk, 400)
         snapshots = tracer.stop()
     finally:
         tracer.kill()
     counted, missed, hists = write_totals(snapshots, os.path.basename(delay_disk))
-    assert fio["total_ios"] == 500
+    assert fio["total_ios"] == 400
     assert counted <= fio["total_ios"] <= counted + missed, (counted, missed)
     clat = fio["clat_ns"]["percentile"]
     assert clat["50.000000"] >= DELAY_MS * 1e6, "the device did not take its delay: proves nothing"
