@@ -4,9 +4,9 @@ fio (psync 4k randread) on a loop device over a /dev/shm file.
 
 Part 1, the whole cost: the kernel's per-event tracepoint work (building the event record,
 dispatching the program) is paid by every tracer, empty programs included, and is not in any
-program's run time.  So each mode runs alone, modes interleaved over rounds, and the host's
-busy CPU time (/proc/stat: user, nice, system, irq, softirq; both CPUs) per fio request is
-compared with an untraced run: added ns per request, medians over the rounds.
+program's run time.  So each mode runs alone, right after an untraced run, and the host's
+busy CPU time (/proc/stat: user, nice, system, irq, softirq; both CPUs) per fio request of
+the two is compared: added ns per request, medians over the rounds.
 
 Part 2, the programs alone, measured by the kernel itself: four tracers attached
 to the same tracepoints at once, so every one of them runs for exactly the same events:
@@ -115,20 +115,21 @@ def busy_per_request(mode: str, device: str, dev: int, seconds: float) -> float:
 
 
 def part1(device: str, dev: int, seconds: float, rounds: int) -> None:
-    modes = ("untraced",) + MODES
-    runs: dict[str, list[float]] = {m: [] for m in modes}
+    """Each round runs every mode right after an untraced run: added = the pair's difference,
+    so drift of the host between rounds cancels; medians over rounds."""
+    added: dict[str, list[float]] = {m: [] for m in MODES}
     for _ in range(rounds):
-        for mode in modes:
-            runs[mode].append(busy_per_request(mode, device, dev, seconds))
-    med = {m: statistics.median(v) for m, v in runs.items()}
-    added = {m: med[m] - med["untraced"] for m in MODES}
-    print(f"part 1: each mode alone, {rounds} rounds of {seconds:g}s, busy CPU ns per request (median)")
-    for m in modes:
-        extra = f"  added {added[m]:7.1f}" if m in added else ""
-        print(f"{m:10}{med[m]:10.1f}{extra}   runs: " + " ".join(f"{v:.0f}" for v in runs[m]))
+        for mode in MODES:
+            base = busy_per_request("untraced", device, dev, seconds)
+            added[mode].append(busy_per_request(mode, device, dev, seconds) - base)
+    med = {m: statistics.median(v) for m, v in added.items()}
+    print(f"part 1: each mode alone after an untraced run, {rounds} rounds of {seconds:g}s: "
+          "added busy CPU ns per request (median of the pairs' differences)")
+    for m in MODES:
+        print(f"{m:10}{med[m]:8.1f}   pairs: " + " ".join(f"{v:.0f}" for v in added[m]))
     for m in ("clock", "bpftrace", "kvmbpf"):
-        print(f"added {m} / added empty = {added[m] / added['empty']:.2f}")
-    print(f"added kvmbpf / added bpftrace = {added['kvmbpf'] / added['bpftrace']:.2f}")
+        print(f"added {m} / added empty = {med[m] / med['empty']:.2f}")
+    print(f"added kvmbpf / added bpftrace = {med['kvmbpf'] / med['bpftrace']:.2f}")
 
 
 def part2(device: str, dev: int, seconds: float) -> None:
