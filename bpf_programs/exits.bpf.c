@@ -26,15 +26,21 @@
 #define EMULATED 1
 #endif
 
+#ifndef VM_SLOTS
 #define VM_SLOTS 32768          /* kvmbpf/collectors/exits.py: VM_SLOTS, SLOT_SHARED */
+#endif
 #define SLOT_SHARED 0xffffffff
 
 #ifndef NCPUS
 #define NCPUS 1                 /* possible CPUs, from Python */
 #endif
-#define PIO_SLOTS 256           /* per CPU; kvmbpf/collectors/exits.py: PIO_SLOTS */
+#ifndef PIO_SLOTS
+#define PIO_SLOTS 256           /* per CPU, a power of two; kvmbpf/collectors/exits.py: PIO_SLOTS */
+#endif
 
+#ifndef TID_SLOTS
 #define TID_SLOTS 4096          /* kvmbpf/collectors/exits.py: TID_SLOTS */
+#endif
 
 #define NR_IOCTL 16             /* x86-64 */
 #define KVM_RUN_CMD 0xae80

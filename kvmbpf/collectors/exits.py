@@ -337,11 +337,11 @@ def _rate(count: int, seconds: float) -> float:
 MAPS = ("exit_counts", "exit_lat", "vmm_lat", "pio_counts", "mmio_counts")
 
 
-def vm_slots(tgids) -> dict[int, int]:
+def vm_slots(tgids, nslots: int = VM_SLOTS) -> dict[int, int]:
     """Filter array content: slot -> the traced tgid owning it, SLOT_SHARED if several do."""
     out: dict[int, int] = {}
     for tgid in tgids:
-        slot = tgid % VM_SLOTS
+        slot = tgid % nslots
         out[slot] = SLOT_SHARED if slot in out else tgid
     return out
 
@@ -366,16 +366,25 @@ def pio_of(slots: list[tuple[int, int, int]], spill: dict[tuple, int]) -> dict[t
     return out
 
 
-def program_params(filter_tids: bool, emulated: bool) -> dict[str, int]:
+@dataclass(frozen=True)
+class Slots:
+    """Sizes of exits.bpf.c's direct-mapped arrays (tests shrink them to force collisions)."""
+    vm: int = VM_SLOTS
+    pio: int = PIO_SLOTS        # a power of two
+    tid: int = TID_SLOTS
+
+
+def program_params(filter_tids: bool, emulated: bool, slots: Slots = Slots()) -> dict[str, int]:
     """The -D integers exits.bpf.c is built with."""
-    return {"FILTER_TIDS": int(filter_tids), "EMULATED": int(emulated), "NCPUS": possible_cpus()}
+    return {"FILTER_TIDS": int(filter_tids), "EMULATED": int(emulated), "NCPUS": possible_cpus(),
+            "VM_SLOTS": slots.vm, "PIO_SLOTS": slots.pio, "TID_SLOTS": slots.tid}
 
 
-def fill_vm_filter(program, tgids, written: dict[int, int]) -> dict[int, int]:
+def fill_vm_filter(program, tgids, written: dict[int, int], nslots: int = VM_SLOTS) -> dict[int, int]:
     """Make the vm_slots filter array trace `tgids` (and the traced_tgids hash behind it for
     shared slots); `written` is what the previous call wrote, the result is what this one did."""
     program.fill("traced_tgids", {tgid: tgid for tgid in tgids})
-    want = vm_slots(tgids)
+    want = vm_slots(tgids, nslots)
     table = program.table("vm_slots")
     for slot in {**written, **want}:
         if written.get(slot) != want.get(slot):
@@ -553,19 +562,20 @@ class ExitsCollector(BaseCollector):
 
     def __init__(self, scope: Scope, include_idle: bool = False,
                  alert_rate: float = DEFAULT_ALERT_RATE, insn_rows: int = INSN_ROWS,
-                 emulated: bool | None = None):
+                 emulated: bool | None = None, slots: Slots = Slots()):
         self.names = ReasonNames.from_kernel()
         self.include_idle = include_idle
         self.alert_rate = alert_rate
         self.insn_rows = insn_rows
         self.emulated = emulated_default() if emulated is None else emulated
         self.vcpu_of: dict[int, int | None] = {}      # tid -> vCPU index, every thread seen
+        self.sizes = slots
         self.slots: dict[int, int] = {}               # vm_slots content written so far
-        super().__init__(scope, program_params(bool(scope.vcpus), self.emulated))
+        super().__init__(scope, program_params(bool(scope.vcpus), self.emulated, slots))
 
     def update_filters(self) -> None:
         """VMs (and with --vcpu, vCPU threads) in; exit starts of threads no longer traced out."""
-        self.slots = fill_vm_filter(self.program, self.scope.tgids(), self.slots)
+        self.slots = fill_vm_filter(self.program, self.scope.tgids(), self.slots, self.sizes.vm)
         if self.scope.vcpus:
             self.program.fill("traced_tids", self.scope.vcpu_tids())
         tids = self.scope.all_tids()

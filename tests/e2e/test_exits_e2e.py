@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmbpf.collectors.base import Scope
+from kvmbpf.collectors.exits import ExitsCollector, Slots
 from tests.conftest import ROOT, run_kvmbpf, unique
 
 #: The BPF functions of bpf_programs/exits.bpf.c, as bpftool names them.
@@ -332,3 +334,33 @@ def test_unknown_vcpu_is_one_line_exit_2(lab, no_leaked_probes):
     res = run_kvmbpf("exits", "--vm", vm.name, "--vcpu", "7", "-d", "1")
     assert res.rc == 2 and "no vCPU 7" in res.err, res.err
     assert len(res.err.strip().splitlines()) == 1
+
+
+def test_colliding_slots_fall_back_exactly(lab, no_leaked_probes):
+    """Every direct-mapped array of exits.bpf.c shrunk to one slot, two VMs at once: the VM
+    filter slot is shared (the traced_tgids hash decides), the two vCPU threads' exit starts
+    collide (one goes to the uexit_start hash) and so do the PIO counters (all but one port
+    spill to the pio_counts hash).  Each VM's counts are still its workload's, exactly."""
+    with frozen_after_round1(lab, PARAMS) as (a, _ta), frozen_after_round1(lab, PARAMS) as (b, _tb):
+        collector = ExitsCollector(Scope((a.name, b.name)), emulated=False, slots=Slots(1, 1, 1))
+        try:
+            collector.snapshot()
+            for vm in (a, b):
+                os.kill(vm.pid, signal.SIGCONT)
+            for vm in (a, b):
+                vm.wait_for("done", timeout=60)
+            time.sleep(0.3)
+            snap = collector.snapshot()
+            spilled = {name: len(collector.program.read_raw(name)) for name in ("uexit_start", "pio_counts")}
+        finally:
+            collector.close()
+    assert spilled["uexit_start"] >= 1 and spilled["pio_counts"] >= 2, spilled   # the fallbacks ran
+    missed = snap.missed
+    for vm in (a, b):
+        def count(rows, **match):
+            return sum(r.count for r in rows if r.vm == vm.name
+                       and all(getattr(r, k) == v for k, v in match.items()))
+        assert_count(count(snap.pio, port=0x700, direction="out"), PIO_COUNT, missed)
+        assert_count(count(snap.pio, port=0x21, direction="out"), PIC_COUNT, missed)
+        assert_count(count(snap.mmio, gpa=0x80000000, access="write"), MMIO_COUNT, missed)
+        assert_count(count(snap.userspace_exits, reason="KVM_EXIT_MMIO"), MMIO_COUNT, missed)
