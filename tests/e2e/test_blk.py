@@ -359,6 +359,44 @@ def test_a_full_bucket_is_counted_in_overflow(delay_disk, no_leaked_probes):
     assert dev.depth.max() <= 8       # never more tracked in flight than the table holds
 
 
+@pytest.fixture
+def zram_disk():
+    """A zram device of our own (zram-control hot_add), reset and removed afterwards."""
+    ctl = Path("/sys/class/zram-control")
+    if not (ctl / "hot_add").exists():
+        pytest.skip("needs zram with /sys/class/zram-control (CONFIG_ZRAM)")
+    index = int((ctl / "hot_add").read_text())
+    sysdir = Path(f"/sys/block/zram{index}")
+    try:
+        (sysdir / "disksize").write_text(str(64 << 20))
+        yield f"/dev/zram{index}"
+    finally:
+        (sysdir / "reset").write_text("1")
+        (ctl / "hot_remove").write_text(str(index))
+
+
+def test_bio_only_device_does_not_fill_the_table(zram_disk, delay_disk, no_leaked_probes):
+    """zram completes bios itself: block_bio_queue, then no request and no completion event.
+    With a one-bucket table, zram bios tracked from their queueing would hold every way for
+    30 s and the loop device's requests after them would all overflow; bio-only devices are
+    not tracked, so every loop request is timed."""
+    devices = tuple((os.major(st.st_rdev), os.minor(st.st_rdev))
+                    for st in (os.stat(zram_disk), os.stat(delay_disk)))
+    collector = BlkCollector(Scope(), devices, all_io=True, max_reqs=8)
+    try:
+        collector.snapshot()
+        assert _fio(zram_disk, 64)["total_ios"] == 64
+        assert _fio(delay_disk, 50)["total_ios"] == 50
+        snap = collector.snapshot()
+    finally:
+        collector.close()
+    loop, zram = os.path.basename(delay_disk), os.path.basename(zram_disk)
+    (op,) = [o for o in snap.ops if o.device == loop]
+    assert snap.overflow == 0
+    assert 50 - snap.missed <= op.queue_to_complete.count <= 50
+    assert not [o for o in snap.ops if o.device == zram]
+
+
 def test_sigint_flushes_the_partial_interval(lab, no_leaked_probes):
     """No interval: the only output is the one printed on Ctrl-C, with every request in it."""
     disk = lab.loop_disk(unique("dd"))
