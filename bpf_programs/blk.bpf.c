@@ -372,6 +372,7 @@ static __always_inline int way_of(struct req_bucket *b, u64 tag, struct req_key 
     return -1;
 }
 
+/* Request k's entry, or NULL; `ref` (if not NULL) gets where it lies, to free it. */
 static __always_inline struct req_val *req_find(struct req_key *k, struct req_ref *ref)
 {
     u64 tag;
@@ -381,9 +382,12 @@ static __always_inline struct req_val *req_find(struct req_key *k, struct req_re
     int way = way_of(b, tag, k);
     if (way < 0)
         return NULL;
-    ref->b = b;
-    ref->way = way & (WAYS - 1);
-    return &b->val[ref->way];
+    u32 i = way & (WAYS - 1);
+    if (ref) {
+        ref->b = b;
+        ref->way = i;
+    }
+    return &b->val[i];
 }
 
 static __always_inline void req_free(struct req_ref *ref)
@@ -563,8 +567,7 @@ static __always_inline struct req_val *issue_only(struct req_key *k, u32 dev, u8
         return NULL;
     if (!track(k, &fresh, 1))
         return NULL;
-    struct req_ref ref = {};
-    return req_find(k, &ref);
+    return req_find(k, NULL);
 #else
     return NULL;
 #endif
@@ -573,8 +576,7 @@ static __always_inline struct req_val *issue_only(struct req_key *k, u32 dev, u8
 TRACEPOINT_PROBE(block, block_rq_issue)
 {
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    struct req_ref ref = {};
-    struct req_val *v = req_find(&k, &ref);
+    struct req_val *v = req_find(&k, NULL);
     if (!v) {
         v = issue_only(&k, args->dev, op_of(args->rwbs, args->nr_sector));
         if (!v)
@@ -595,8 +597,7 @@ TRACEPOINT_PROBE(block, block_rq_issue)
 TRACEPOINT_PROBE(block, block_rq_requeue)
 {
     struct req_key k = req_key_of(args->dev, args->sector, args->nr_sector);
-    struct req_ref ref = {};
-    struct req_val *v = req_find(&k, &ref);
+    struct req_val *v = req_find(&k, NULL);
     if (!v)
         return 0;
     if (v->issued) {
