@@ -139,8 +139,8 @@ def _scan_process(proc: Path, pid: int, sys: Path) -> VM | None:
     links = _fd_links(proc, pid)
     if "anon_inode:kvm-vm" not in links.values():
         return None
-    cmdline = _read(proc / str(pid) / "cmdline").split("\0")
-    comm = _read(proc / str(pid) / "comm").strip()
+    cmdline = read_text(proc / str(pid) / "cmdline").split("\0")
+    comm = read_text(proc / str(pid) / "comm").strip()
     try:
         vmm = os.readlink(proc / str(pid) / "exe")
     except OSError:
@@ -190,7 +190,7 @@ def _threads(proc: Path, pid: int, links: dict[int, str]) -> list[Thread]:
         tids = sorted(int(t) for t in os.listdir(proc / str(pid) / "task"))
     except OSError:
         return []
-    comms = {tid: _read(proc / str(pid) / "task" / str(tid) / "comm").strip() for tid in tids}
+    comms = {tid: read_text(proc / str(pid) / "task" / str(tid) / "comm").strip() for tid in tids}
     named = {tid: int(m.group(1)) for tid, comm in comms.items()
              if (m := _VCPU_NAME_RE.match(comm))}
     for tid, comm in comms.items():
@@ -207,7 +207,7 @@ def _vcpu_from_syscall(proc: Path, pid: int, tid: int, vcpu_fds: dict[int, int])
     """
     if not vcpu_fds:
         return None
-    fields = _read(proc / str(pid) / "task" / str(tid) / "syscall").split()
+    fields = read_text(proc / str(pid) / "task" / str(tid) / "syscall").split()
     if len(fields) >= 3 and fields[0] == "16" and fields[2] == "0xae80":
         return vcpu_fds.get(int(fields[1], 16))
     return None
@@ -225,7 +225,7 @@ def _taps(proc: Path, pid: int, links: dict[int, str], sys: Path) -> list[Tap]:
     for fd, target in links.items():
         if target != "/dev/net/tun":
             continue
-        for line in _read(proc / str(pid) / "fdinfo" / str(fd)).splitlines():
+        for line in read_text(proc / str(pid) / "fdinfo" / str(fd)).splitlines():
             if line.startswith("iff:"):
                 names.append(line.split(":", 1)[1].strip())
     if not names:
@@ -271,7 +271,7 @@ def _disks(links: dict[int, str], sys: Path) -> list[Disk]:
             major, minor = os.major(st.st_dev), os.minor(st.st_dev)
         else:
             continue
-        backing = _read(sys / "dev" / "block" / f"{major}:{minor}" / "loop" / "backing_file").strip()
+        backing = read_text(sys / "dev" / "block" / f"{major}:{minor}" / "loop" / "backing_file").strip()
         disks.setdefault((major, minor), Disk(target, major, minor, backing or None))
     return list(disks.values())
 
@@ -283,7 +283,7 @@ def _is_disk_image(path: str) -> bool:
 
 def block_device_name(major: int, minor: int, sys: str = "/sys") -> str:
     """sda, loop3, dm-0... from /sys/dev/block (major:minor when unknown)."""
-    uevent = _read(Path(sys) / "dev" / "block" / f"{major}:{minor}" / "uevent")
+    uevent = read_text(Path(sys) / "dev" / "block" / f"{major}:{minor}" / "uevent")
     for line in uevent.splitlines():
         if line.startswith("DEVNAME="):
             return line.split("=", 1)[1]
@@ -296,16 +296,22 @@ def bio_only_devices(sys: str = "/sys") -> list[tuple[int, int]]:
     pmem.  Their bios never become requests, so no request tracepoint ever ends them."""
     out = []
     for link in sorted((Path(sys) / "dev" / "block").glob("*:*")):
-        disk = link.resolve()
-        if (disk / "partition").exists():
-            disk = disk.parent
+        major, minor = (int(n) for n in link.name.split(":"))
+        disk = disk_sysdir(major, minor, sys)
         if not (disk / "mq").exists() and not any((disk / "slaves").glob("*")):
-            major, minor = link.name.split(":")
-            out.append((int(major), int(minor)))
+            out.append((major, minor))
     return out
 
 
-def _read(path: Path) -> str:
+def disk_sysdir(major: int, minor: int, sys: str = "/sys") -> Path:
+    """The sysfs directory of the whole disk a block device is (a partition's parent)."""
+    sysdir = (Path(sys) / "dev" / "block" / f"{major}:{minor}").resolve()
+    return sysdir.parent if (sysdir / "partition").exists() else sysdir
+
+
+def read_text(path: str | Path) -> str:
+    """A /proc or /sys file's text, "" if it is gone or unreadable (processes and devices
+    come and go between listing and reading)."""
     try:
         with open(path, "rb") as fh:
             return fh.read().decode(errors="replace")

@@ -25,7 +25,7 @@ from typing import Callable
 from ..bpf import key_tuple
 from ..errors import KvmbpfError
 from ..hist import Histogram
-from ..inventory import VM, bio_only_devices, block_device_name, kernel_dev
+from ..inventory import VM, bio_only_devices, block_device_name, kernel_dev, read_text
 from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
@@ -59,7 +59,7 @@ def parse_device(spec: str, sys: str = "/sys") -> tuple[int, int]:
     else:
         name = spec[len("/dev/"):] if spec.startswith("/dev/") else spec
         if name and "/" not in name and name not in (".", ".."):
-            dev = _read(Path(sys, "class", "block", name, "dev")).strip()
+            dev = read_text(Path(sys, "class", "block", name, "dev")).strip()
             m = _MAJMIN_RE.match(dev)
             if m:
                 return int(m.group(1)), int(m.group(2))
@@ -98,12 +98,6 @@ def vm_devices(scoped: list[VM], every_vm: list[VM],
     return {dev: next(iter(pids)) for dev, pids in owners.items()
             if len(pids) == 1 and dev not in shared and pids <= in_scope}
 
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import btf, kernel, tracefs
 from ..errors import KvmbpfError
 from ..hist import Histogram
-from ..inventory import VM, Inventory
+from ..inventory import VM, Inventory, read_text
 from ..snapshot import LATENCY_COLUMNS, Metric, TableData, latency_cells, loss_notes
 from .base import BaseCollector, Scope, histograms
 
@@ -142,7 +142,7 @@ def host_probes(kallsyms_text: str | None = None) -> HostProbes:
         offsets_error = None
     except KvmbpfError as exc:
         return HostProbes(str(exc), False, (False, ""), frozenset(), frozenset())
-    text = kallsyms_text if kallsyms_text is not None else _read("/proc/kallsyms")
+    text = kallsyms_text if kallsyms_text is not None else read_text("/proc/kallsyms")
     wanted = set(DEEP_FUNCTIONS) | {"__dev_queue_xmit"}
     in_kallsyms = frozenset(parts[2] for parts in (line.split() for line in text.splitlines())
                             if len(parts) >= 3 and parts[2] in wanted and parts[1] in "tT")
@@ -152,12 +152,6 @@ def host_probes(kallsyms_text: str | None = None) -> HostProbes:
     fentry = kernel.fentry_works() if all(n in in_vmlinux for n in deep) else (False, "not tried")
     return HostProbes(offsets_error, kernel.has_kprobes(), fentry, in_vmlinux, in_kallsyms)
 
-
-def _read(path: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return ""
 
 
 # ---- which devices ------------------------------------------------------------------------

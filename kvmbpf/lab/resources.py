@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import KvmbpfError
+from ..inventory import disk_sysdir, read_text
 
 
 def sh(*cmd: str, check: bool = True) -> str:
@@ -76,15 +77,12 @@ class LoopDisk:
         sh("losetup", "-d", self.device, check=False)
         Path(self.backing).unlink(missing_ok=True)
 
-
     def whole_disk(self) -> tuple[str, str]:
-        """(name, major:minor) of the disk holding the backing file (a partition's parent:
-        cgroup I/O limits are per disk)."""
+        """(name, major:minor) of the disk holding the backing file (cgroup I/O limits are
+        per disk)."""
         dev = os.stat(self.backing).st_dev
-        sysdir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}").resolve()
-        if (sysdir / "partition").exists():
-            sysdir = sysdir.parent
-        return sysdir.name, (sysdir / "dev").read_text().strip()
+        sysdir = disk_sysdir(os.major(dev), os.minor(dev))
+        return sysdir.name, read_text(sysdir / "dev").strip()
 
 
 CGROUP_V1_BLKIO = Path("/sys/fs/cgroup/blkio")
@@ -99,7 +97,7 @@ def io_throttle(disk: str, iops: int) -> Iterator[Path]:
     if (CGROUP_V1_BLKIO / "blkio.throttle.read_iops_device").exists():
         root, limits = CGROUP_V1_BLKIO, {"blkio.throttle.read_iops_device": f"{disk} {iops}",
                                          "blkio.throttle.write_iops_device": f"{disk} {iops}"}
-    elif "io" in _read(CGROUP_V2 / "cgroup.subtree_control").split():
+    elif "io" in read_text(CGROUP_V2 / "cgroup.subtree_control").split():
         root, limits = CGROUP_V2, {"io.max": f"{disk} riops={iops} wiops={iops}"}
     else:
         raise KvmbpfError("no block cgroup controller to throttle with (cgroup v1 blkio, or v2 "
@@ -111,14 +109,8 @@ def io_throttle(disk: str, iops: int) -> Iterator[Path]:
             (group / name).write_text(value)
         yield group
     finally:
-        for member in _read(group / "cgroup.procs").split():
+        for member in read_text(group / "cgroup.procs").split():
             with contextlib.suppress(OSError):
                 (root / "cgroup.procs").write_text(member)
         group.rmdir()
 
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
