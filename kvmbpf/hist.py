@@ -100,3 +100,8 @@ class Histogram:
     def buckets_as_list(self) -> list[list[int]]:
         """[[slot, count], ...] sorted: the histogram's JSON form (bounds from hist.slot_bounds)."""
         return [[slot, n] for slot, n in sorted(self.buckets.items())]
+
+    @classmethod
+    def from_list(cls, pairs) -> "Histogram":
+        """The inverse of buckets_as_list (JSON output read back)."""
+        return cls({int(slot): int(n) for slot, n in pairs})

@@ -43,7 +43,7 @@ def encode_metric(metric: Metric) -> dict[str, Any]:
 def decode_metric(data: dict[str, Any]) -> Metric:
     hist = None
     if "buckets" in data:
-        hist = Histogram({int(slot): int(n) for slot, n in data["buckets"]})
+        hist = Histogram.from_list(data["buckets"])
     return Metric(str(data["name"]), str(data["kind"]), "", {str(k): str(v) for k, v in
                                                              data.get("labels", {}).items()},
                   float(data.get("value", 0.0)), hist, float(data.get("scale", 1.0)))

@@ -246,17 +246,14 @@ def test_fio_count_and_latency_percentiles(lab, no_leaked_probes):
         if reference is not None and reference.proc.poll() is None:
             reference.proc.kill()
             reference.proc.wait()
-    dev = os.path.basename(disk.device)
-    writes = [o for s in snapshots for o in s["ops"] if o["device"] == dev and o["op"] == "write"]
+    writes = write_rows(snapshots, os.path.basename(disk.device))
     assert {o["vm"] for o in writes} == {"host"}
-    counted, missed = sum(o["requests"] for o in writes), sum(s["missed"] for s in snapshots)
+    counted, missed, hists = write_totals(snapshots, os.path.basename(disk.device))
     assert fio["total_ios"] == 3000
     assert counted <= fio["total_ios"] <= counted + missed, (counted, missed)
     assert len(exact) <= fio["total_ios"] <= len(exact) + reference.missed, (len(exact), reference.missed)
     assert fio["io_bytes"] - sum(o["bytes"] for o in writes) == 4096 * (fio["total_ios"] - counted)
-    queue = sum((Histogram({int(s): n for s, n in o["queue_to_complete"]["buckets"]})
-                 for o in writes), Histogram())
-    ours = queue.percentiles()
+    ours = hists["queue"].percentiles()
     clat = fio["clat_ns"]["percentile"]
     for pct, key in ((50, "50.000000"), (99, "99.000000")):
         truth = exact_percentile(exact, pct)
@@ -264,11 +261,16 @@ def test_fio_count_and_latency_percentiles(lab, no_leaked_probes):
         assert ours[f"p{pct}"] <= 1.04 * clat[key], (pct, ours, clat)
 
 
+def write_rows(snapshots: list[dict], device: str) -> list[dict]:
+    """The JSON rows of writes to one device, every interval."""
+    return [o for s in snapshots for o in s["ops"] if o["device"] == device and o["op"] == "write"]
+
+
 def write_totals(snapshots: list[dict], device: str) -> tuple[int, int, dict[str, Histogram]]:
     """(requests, missed, {"queue"|"issue": histogram}) of the writes to one device."""
-    rows = [o for s in snapshots for o in s["ops"] if o["device"] == device and o["op"] == "write"]
-    hists = {kind: sum((Histogram({int(s): n for s, n in o[f"{kind}_to_complete"]["buckets"]})
-                        for o in rows), Histogram()) for kind in ("queue", "issue")}
+    rows = write_rows(snapshots, device)
+    hists = {kind: sum((Histogram.from_list(o[f"{kind}_to_complete"]["buckets"]) for o in rows),
+                       Histogram()) for kind in ("queue", "issue")}
     return sum(o["requests"] for o in rows), sum(s["missed"] for s in snapshots), hists
 
 

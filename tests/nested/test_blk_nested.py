@@ -123,8 +123,8 @@ def test_issue_latency_in_the_kprobe_peers_median_bucket(nested):
         seen += n
         if 2 * seen >= total:
             break
-    issue = sum((Histogram({int(s): n for s, n in o["issue_to_complete"]["buckets"]})
-                 for o in writes(nested)), Histogram())
+    issue = sum((Histogram.from_list(o["issue_to_complete"]["buckets"]) for o in writes(nested)),
+                Histogram())
     p50_us = issue.percentiles()["p50"] / 1000
     assert lo >= DELAY_MS * 1000 / 2 and lo <= p50_us < hi * 1.0625, (lo, hi, p50_us, buckets)
     assert p50_us >= DELAY_MS * 1000
